@@ -1,0 +1,279 @@
+"""Configuration: one frozen dataclass per TOML table, built by one `load()`.
+
+The dataclass defaults are the embedded defaults and equal `config/poold.toml`
+(a test keeps the two in step). Sources, weakest first: defaults, the file,
+`POOLD_<SECTION>_<KEY>` variables, command-line flags. Every error names its
+source (file or variable) and the key, so `check-config` can say exactly what
+is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; `str()` names the source, the key and the problem."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8321
+    unix_socket: str = ""
+    token: str = ""
+    token_file: str = ""
+    max_body_bytes: int = 1048576
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    workers: int = 0
+    start_method: str = "forkserver"
+    max_tasks_per_worker: int = 0
+    max_memory_mb: int = 0
+    preload: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """The number of worker slots (0 means one per CPU)."""
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    allow: tuple[str, ...] = ("service.demo:*",)
+    default_timeout: float = 300.0
+    max_timeout: float = 3600.0
+    max_queue: int = 100000
+    result_ttl: float = 86400.0
+    max_result_bytes: int = 10485760
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "poold.db"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    interval: float = 1.0
+    kill_grace: float = 3.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"  # where it was read from, for messages
+
+    @property
+    def token(self) -> str:
+        """The bearer token in force ("" for none): `server.token`, else `server.token_file`'s text."""
+        if self.server.token:
+            return self.server.token
+        if self.server.token_file:
+            with open(self.server.token_file, encoding="utf-8") as f:
+                return f.read().strip()
+        return ""
+
+
+_TYPES = {"server": ServerConfig, "pool": PoolConfig, "jobs": JobsConfig, "store": StoreConfig,
+          "supervisor": SupervisorConfig, "log": LogConfig}
+
+# key -> (low, high) inclusive bounds; None for an open side
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "server.port": (0, 65535),
+    "server.max_body_bytes": (1, None),
+    "pool.workers": (0, 4096),
+    "pool.max_tasks_per_worker": (0, None),
+    "pool.max_memory_mb": (0, None),
+    "jobs.max_queue": (1, None),
+    "jobs.max_result_bytes": (1, None),
+}
+_POSITIVE = {"jobs.default_timeout", "jobs.max_timeout", "jobs.result_ttl", "supervisor.interval"}
+_NON_NEGATIVE = {"supervisor.kill_grace", "supervisor.shutdown_grace"}
+_CHOICES = {
+    "pool.start_method": ("forkserver", "spawn", "fork"),
+    "log.level": ("debug", "info", "warning", "error"),
+    "log.format": ("text", "json"),
+}
+
+
+def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
+    """Checks `value` against the type of the key's default; returns the typed value."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(where, key, f"expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(where, key, f"expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(where, key, f"expected a finite number, got {value!r}")
+            return float(value)
+        raise ConfigError(where, key, f"expected a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(where, key, f"expected a string, got {value!r}")
+    if isinstance(default, tuple):
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return tuple(value)
+        raise ConfigError(where, key, f"expected a list of strings, got {value!r}")
+    raise ConfigError(where, key, "unsupported type")  # pragma: no cover
+
+
+def _check(section: str, key: str, value: Any, where: str) -> None:
+    """Range and choice checks for one key."""
+    name = f"{section}.{key}"
+    if name in _RANGES:
+        lo, hi = _RANGES[name]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            span = f"{lo} to {hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(where, name, f"must be {span}, got {value!r}")
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(where, name, f"must be > 0, got {value!r}")
+    if name in _NON_NEGATIVE and value < 0:
+        raise ConfigError(where, name, f"must be >= 0, got {value!r}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(where, name, f"must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+    if name == "jobs.allow":
+        for pattern in value:
+            mod, sep, attr = pattern.partition(":")
+            if not sep or not mod or not attr:
+                raise ConfigError(where, name, f"{pattern!r} is not 'module:name' or 'module:*'")
+    if name == "pool.preload":
+        for mod in value:
+            if not mod or not all(part.isidentifier() for part in mod.split(".")):
+                raise ConfigError(where, name, f"{mod!r} is not a module name")
+
+
+def _parse_env_value(text: str) -> Any:
+    """A TOML value where the text parses as one, else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, str, Any]]:
+    """(variable, section, key, value) for each POOLD_<SECTION>_<KEY> variable."""
+    out = []
+    for var, text in sorted(env.items()):
+        if not var.startswith("POOLD_"):
+            continue
+        rest = var[len("POOLD_"):].lower()
+        for section in _TYPES:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1:]
+                out.append((var, section, key, _parse_env_value(text)))
+                break
+    return out
+
+
+def _apply(values: dict[str, dict[str, Any]], section: str, key: str, value: Any, where: str) -> None:
+    if section not in _TYPES:
+        raise ConfigError(where, section, f"unknown section [{section}]")
+    defaults = {f.name: f.default for f in fields(_TYPES[section])}
+    if key not in defaults:
+        raise ConfigError(where, f"{section}.{key}", f"unknown key in [{section}]")
+    typed = _coerce(value, defaults[key], where, f"{section}.{key}")
+    _check(section, key, typed, where)
+    values.setdefault(section, {})[key] = typed
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Config:
+    """Builds the configuration from defaults < file < environment < flags.
+
+    `flags` maps "section.key" to a value (None values are ignored). Raises
+    ConfigError naming the file or variable, the key and what is wrong.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, dict[str, Any]] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(source, "", f"invalid TOML: {e}") from None
+        for section, table in data.items():
+            if section not in _TYPES:
+                raise ConfigError(source, section, f"unknown section [{section}]")
+            if not isinstance(table, dict):
+                raise ConfigError(source, section, "expected a table")
+            for key, value in table.items():
+                _apply(values, section, key, value, source)
+    for var, section, key, value in _env_overrides(env):
+        _apply(values, section, key, value, var)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            section, key = name.split(".", 1)
+            _apply(values, section, key, value, "--" + key.replace("_", "-"))
+    cfg = Config(**{s: _TYPES[s](**values.get(s, {})) for s in _TYPES}, source=source)  # type: ignore[arg-type]
+    _check_whole(cfg)
+    return cfg
+
+
+def _check_whole(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    s = cfg.server
+    if s.port == 0 and not s.unix_socket:
+        raise ConfigError(cfg.source, "server.port", "0 needs server.unix_socket (nothing to listen on)")
+    if s.token and s.token_file:
+        raise ConfigError(cfg.source, "server.token_file", "set server.token or server.token_file, not both")
+    if s.token_file:
+        try:
+            token = cfg.token
+        except OSError as e:
+            raise ConfigError(cfg.source, "server.token_file", f"cannot read {s.token_file}: {e.strerror}") from None
+        if not token:
+            raise ConfigError(cfg.source, "server.token_file", f"{s.token_file} is empty")
+    if cfg.jobs.default_timeout > cfg.jobs.max_timeout:
+        raise ConfigError(cfg.source, "jobs.default_timeout", "must not exceed jobs.max_timeout")
+    if not is_loopback(s.host) and not (s.token or s.token_file):
+        raise ConfigError(cfg.source, "server.host",
+                          f"{s.host!r} is not a loopback address: set server.token to listen there")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy with some sections replaced (for tests and reloads)."""
+    return dataclasses.replace(cfg, **sections)
