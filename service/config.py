@@ -87,6 +87,8 @@ class Config:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"  # where it was read from, for messages
+    path: str | None = None  # the file, re-read on reload
+    flags: tuple[tuple[str, Any], ...] = ()  # command-line values, applied again on reload
 
     @property
     def token(self) -> str:
@@ -239,7 +241,9 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         if value is not None:
             section, key = name.split(".", 1)
             _apply(values, section, key, value, "--" + key.replace("_", "-"))
-    cfg = Config(**{s: _TYPES[s](**values.get(s, {})) for s in _TYPES}, source=source)  # type: ignore[arg-type]
+    cfg = Config(**{s: _TYPES[s](**values.get(s, {})) for s in _TYPES},  # type: ignore[arg-type]
+                 source=source, path=None if path is None else os.fspath(path),
+                 flags=tuple((k, v) for k, v in (flags or {}).items() if v is not None))
     _check_whole(cfg)
     return cfg
 
@@ -272,6 +276,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def reload(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration built again from the same file and flags (for SIGHUP)."""
+    return load(cfg.path, env, dict(cfg.flags))
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

@@ -1,0 +1,324 @@
+"""Pairs queued jobs with free slots and turns what workers report into job states.
+
+The queue lives in the store; memory holds only what is dispatched or
+running. Short jobs go to a worker several at a time (sized from each
+function's measured run time) so their cost per job stays small; a long or
+unknown function goes one at a time, so priorities and cancels stay prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.config import Config
+from service.metrics import Metrics
+from service.pool import Pool, Slot
+from service.store import Claimed, Store
+
+log = logging.getLogger("poold.scheduler")
+
+_BATCH_SECONDS = 0.005  # aim: a batch of short jobs takes about this long
+_MAX_BATCH = 256
+
+
+@dataclass
+class Running:
+    claimed: Claimed
+    slot: Slot
+    started_at: float
+    timer: asyncio.TimerHandle | None = None
+    progress: dict[str, Any] | None = None
+    written: bool = False  # its start is in the store
+
+
+@dataclass
+class _Stats:
+    seconds: dict[str, float] = field(default_factory=dict)  # fn -> moving average run time
+
+    def update(self, fn: str, seconds: float) -> None:
+        old = self.seconds.get(fn)
+        self.seconds[fn] = seconds if old is None else old * 0.8 + seconds * 0.2
+
+    def batch_size(self, fn: str) -> int:
+        avg = self.seconds.get(fn)
+        if avg is None:
+            return 1
+        return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(avg, 1e-6))))
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "message": message, "exception": None, "traceback": None}
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, store: Store, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick())
+        self.dispatched: dict[str, Slot] = {}  # handed to a worker, not ended
+        self.running: dict[str, Running] = {}  # started, not ended
+        self.cancelled_pending: set[str] = set()
+        self.waiters: dict[str, asyncio.Event] = {}
+        self.stats = _Stats()
+        self.accepting = True  # False while draining: nothing new starts
+        self._kicked = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pool.start(self.cfg.pool.size)
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.pool.cfg = cfg.pool
+        self.pool.resize(cfg.pool.size)
+        self.kick()
+
+    # -- dispatch
+    def kick(self) -> None:
+        """Asks for a dispatch pass at the end of this loop iteration (once, however often asked)."""
+        if not self._kicked and self.loop is not None:
+            self._kicked = True
+            self.loop.call_soon(self._fill)
+
+    def _fill(self) -> None:
+        self._kicked = False
+        if not self.accepting:
+            return
+        free = [s for s in self.pool.slots.values()
+                if s.state == "idle" and not s.batches and not s.retiring and s.executor is not None]
+        if not free:
+            return
+        waiting = self.store.queued - len(self.dispatched)
+        for slot in free:
+            if waiting <= 0:
+                break
+            head = self.store.next_queued(1, set(self.dispatched))
+            if not head:
+                break
+            size = min(self.stats.batch_size(head[0].fn), math.ceil(waiting / len(free)))
+            batch = head if size == 1 else self.store.next_queued(size, set(self.dispatched))
+            for c in batch:
+                self.dispatched[c.id] = slot
+            waiting -= len(batch)
+            self.pool.submit(slot, batch, self.cfg.jobs.max_result_bytes)
+
+    # -- worker reports
+    def _on_events(self, slot: Slot, msgs: list[tuple[Any, ...]]) -> None:
+        claimed = {c.id: c for b in slot.batches for c in b}
+        finished: list[str] = []
+        for msg in msgs:
+            kind, jid = msg[0], msg[1]
+            if kind == "start":
+                c = claimed.get(jid)
+                if c is not None:
+                    self._started(slot, c, msg[2])
+            elif kind == "progress":
+                r = self.running.get(jid)
+                if r is not None:
+                    cur, total, message = msg[2]
+                    r.progress = {"current": cur, "total": total, "message": message}
+            elif kind == "done":
+                r = self.running.pop(jid, None)
+                if r is not None:
+                    self._done(r, msg[2], msg[3], msg[4])
+                    finished.append(jid)
+        for r in self.running.values():
+            if r.slot is slot and not r.written:
+                self._write_start(r)
+        if finished:
+            self.store.after_commit(lambda: self._wake(finished))
+        self.kick()
+
+    def _worker_info(self, slot: Slot) -> dict[str, Any]:
+        return {"pid": slot.pid, "name": slot.name}
+
+    def _started(self, slot: Slot, c: Claimed, t: float) -> None:
+        assert self.loop is not None
+        r = Running(c, slot, t)
+        self.running[c.id] = r
+        slot.current, slot.current_started = c.id, t
+        if c.id in self.cancelled_pending:  # cancelled while it waited in the worker: end it now
+            slot.kill_reason[c.id] = "cancel"
+            self.pool.kill(slot)
+            return
+        r.timer = self.loop.call_later(c.timeout, self._deadline, c.id)
+
+    def _write_start(self, r: Running) -> None:
+        self.store.start(r.claimed.id, r.started_at, self._worker_info(r.slot))
+        r.written = True
+
+    def _done(self, r: Running, kind: str, payload: Any, seconds: float) -> None:
+        c = r.claimed
+        if r.timer is not None:
+            r.timer.cancel()
+        self.dispatched.pop(c.id, None)
+        r.slot.current = None
+        r.slot.tasks_done += 1
+        self.stats.update(c.fn, seconds)
+        self.metrics.duration.observe(seconds)
+        if kind == "ok":
+            self._final(r, "succeeded", result_json=payload)
+        else:
+            self._failed(r, "failed", payload)
+
+    def _final(self, r: Running, state: str, *, result_json: str | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        started = None if r.written else (r.started_at, self._worker_info(r.slot))
+        self.store.finish(r.claimed.id, state, result_json=result_json, error=error,
+                          progress=r.progress, started=started)
+        self.metrics.finished.labels(state).inc()
+
+    def _failed(self, r: Running, state: str, error: dict[str, Any]) -> None:
+        """A failed attempt: retried while retries are left, else final."""
+        c = r.claimed
+        if c.attempts + 1 <= c.retries:
+            if not r.written:
+                self._write_start(r)
+            self.store.retry(c.id, error)
+            self.metrics.retried.inc()
+        else:
+            self._final(r, state, error=error)
+
+    def _on_batch_end(self, slot: Slot, batch: list[Claimed], exc: BaseException | None) -> None:
+        for c in batch:
+            if c.id not in self.running:  # never started (or ended): back to the queue as it is
+                self.dispatched.pop(c.id, None)
+                self.cancelled_pending.discard(c.id)
+        if exc is not None:
+            self._worker_lost(slot, batch)
+        self.kick()
+
+    def _worker_lost(self, slot: Slot, batch: list[Claimed]) -> None:
+        ended = []
+        for c in batch:
+            r = self.running.pop(c.id, None)
+            if r is None:
+                continue
+            ended.append(c.id)
+            self.dispatched.pop(c.id, None)
+            self.cancelled_pending.discard(c.id)
+            if r.timer is not None:
+                r.timer.cancel()
+            reason = slot.kill_reason.pop(c.id, None)
+            if reason == "cancel":
+                continue  # already cancelled in the store
+            if reason == "timeout":
+                self.metrics.worker_restarts.labels("timeout").inc()
+                self._failed(r, "timed_out", _error("timeout", f"the job ran longer than its timeout"
+                                                    f" ({c.timeout:g} s) and was killed"))
+                continue
+            how = self.pool.exit_description(slot)
+            hint = " — perhaps out of memory?" if "SIGKILL" in how else ""
+            log.error("worker %d (pid %s) %s%s", slot.n, slot.pid, how, hint)
+            self.metrics.worker_restarts.labels("died").inc()
+            self._failed(r, "failed", _error("worker_died", f"the worker process (pid {slot.pid}) {how}"))
+        if ended:
+            self.store.after_commit(lambda: self._wake(ended))
+
+    def _deadline(self, jid: str) -> None:
+        r = self.running.get(jid)
+        if r is None:
+            return
+        log.info("job %s timed out after %g s: killing worker %d", jid, r.claimed.timeout, r.slot.n)
+        r.slot.kill_reason[jid] = "timeout"
+        self.pool.kill(r.slot)
+
+    # -- requests from the API
+    def cancel(self, jid: str, queued_only: bool) -> str:
+        """Cancels a job; returns "cancelled", "not_found", "already_finished" or "already_started"."""
+        r = self.running.get(jid)
+        if r is not None:
+            if queued_only:
+                return "already_started"
+            self.store.cancel(jid)
+            r.slot.kill_reason[jid] = "cancel"
+            self.pool.kill(r.slot)
+            self.metrics.worker_restarts.labels("cancel").inc()
+        else:
+            left = self.store.cancel(jid)
+            if left is None:
+                return "not_found" if self.store.state_of(jid) is None else "already_finished"
+            slot = self.dispatched.get(jid)
+            if slot is not None:  # waiting inside a worker's batch: tell it to skip the job
+                self.cancelled_pending.add(jid)
+                self.pool.cancel_pending(slot, jid)
+        self.metrics.finished.labels("cancelled").inc()
+        self.store.after_commit(lambda: self._wake([jid]))
+        return "cancelled"
+
+    async def wait(self, jid: str, timeout: float) -> None:
+        """Returns when the job ends (its final state committed) or after timeout seconds."""
+        ev = self.waiters.get(jid)
+        if ev is None:
+            ev = self.waiters[jid] = asyncio.Event()
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _wake(self, ids: list[str]) -> None:
+        for jid in ids:
+            ev = self.waiters.pop(jid, None)
+            if ev is not None:
+                ev.set()
+
+    def progress_of(self, jid: str) -> dict[str, Any] | None:
+        r = self.running.get(jid)
+        return None if r is None else r.progress
+
+    # -- shutdown
+    def idle(self) -> bool:
+        return not self.running and not self.dispatched
+
+    def hold_back(self) -> None:
+        """Draining: workers skip the jobs they hold but have not started (they stay queued)."""
+        for jid, slot in self.dispatched.items():
+            if jid not in self.running:
+                self.pool.cancel_pending(slot, jid)
+
+    def interrupt_all(self) -> None:
+        """Ends the book of every running job: retried on the next start if retries are left."""
+        err = _error("interrupted", "the daemon stopped while the job ran")
+        for jid, r in list(self.running.items()):
+            if r.timer is not None:
+                r.timer.cancel()
+            if not r.written:
+                self._write_start(r)
+            if r.claimed.attempts + 1 <= r.claimed.retries:
+                self.store.retry(jid, err)
+            else:
+                self.store.finish(jid, "failed", error=err, progress=r.progress)
+        self.running.clear()
+        self.dispatched.clear()
+
+    def state(self) -> dict[str, Any]:
+        workers: dict[str, int] = {}
+        for s in self.pool.slots.values():
+            workers[s.state] = workers.get(s.state, 0) + 1
+        return {"queued": self.store.queued, "running": len(self.running), "workers": workers,
+                "draining": not self.accepting}
+
+    def workers(self) -> list[dict[str, Any]]:
+        import psutil
+
+        from service.store import iso
+
+        out = []
+        for s in sorted(self.pool.slots.values(), key=lambda s: s.n):
+            rss = 0
+            if s.pid is not None:
+                try:
+                    rss = psutil.Process(s.pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            out.append({"pid": s.pid, "name": s.name, "state": s.state, "job": s.current,
+                        "rss_bytes": rss, "tasks_done": s.tasks_done,
+                        "started_at": iso(s.started_at or time.time())})
+        return out

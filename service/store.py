@@ -1,0 +1,351 @@
+"""The job store: every SQL statement poold runs, as named operations.
+
+SQLite in WAL mode, one connection used from the event loop's thread. Writes
+run at once inside an open transaction, and the transaction is committed at
+the end of the loop iteration (`call_soon`), so every write made in the same
+iteration shares one commit (group commit). Callers that must not answer
+before the data is durable `await store.committed()`. A later server
+database sits behind these same operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("poold.store")
+
+FINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
+STATES = ("queued", "running", *FINAL_STATES)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    fn TEXT NOT NULL,
+    args TEXT NOT NULL,
+    kwargs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    timeout REAL NOT NULL,
+    retries INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    key TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    worker TEXT,
+    result TEXT,
+    error TEXT,
+    progress TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE state = 'queued';
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (key) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS processes (
+    pid INTEGER NOT NULL,
+    create_time REAL NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (pid, create_time)
+);
+"""
+
+_COLUMNS = ("id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
+            "started_at, finished_at, worker, result, error, progress")
+
+
+class StoreError(Exception):
+    """The database cannot be written (read-only, full, gone)."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated JobSpec, ready to enqueue."""
+
+    fn: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    timeout: float
+    priority: int = 0
+    retries: int = 0
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What a worker needs to run one job."""
+
+    id: str
+    fn: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    timeout: float
+    retries: int
+    attempts: int
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _job(row: tuple[Any, ...]) -> dict[str, Any]:
+    (jid, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created, started,
+     finished, worker, result, error, progress) = row
+    return {"id": jid, "fn": fn, "args": json.loads(args), "kwargs": json.loads(kwargs),
+            "state": state, "priority": priority, "timeout": timeout, "retries": retries,
+            "attempts": attempts, "key": key, "created_at": iso(created), "started_at": iso(started),
+            "finished_at": iso(finished), "worker": _loads(worker), "result": _loads(result),
+            "error": _loads(error), "progress": _loads(progress)}
+
+
+class Store:
+    """Named operations on the job table; see the module docstring for commits."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        # API reads go through their own connection: they see committed data only, so nobody is
+        # shown a job (or a result) before the commit that holds it.
+        self._ro = sqlite3.connect(path, isolation_level=None, check_same_thread=False) \
+            if path != ":memory:" else self._db
+        self._commit: asyncio.Future[None] | None = None
+        self._after_commit: list[Callable[[], None]] = []
+        self.healthy = True
+        self.last_error = ""
+        self.queued = self._count_queued()
+
+    # -- transactions
+    def _count_queued(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0])
+
+    def _tx(self) -> None:
+        """Opens the shared transaction if none is open; it commits at the end of this iteration."""
+        if self._commit is not None:
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            self._failed(e)
+            raise StoreError(str(e)) from e
+        loop = asyncio.get_running_loop()
+        self._commit = loop.create_future()
+        loop.call_soon(self._do_commit)
+
+    def _do_commit(self) -> None:
+        fut, self._commit = self._commit, None
+        callbacks, self._after_commit = self._after_commit, []
+        assert fut is not None
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.queued = self._count_queued()
+            self._failed(e)
+            fut.set_exception(StoreError(str(e)))
+            fut.exception()  # retrieved: the awaiting callers see it
+            return
+        self.healthy, self.last_error = True, ""
+        fut.set_result(None)
+        for cb in callbacks:
+            cb()
+
+    def _failed(self, e: Exception) -> None:
+        if self.healthy:
+            log.error("store %s cannot be written: %s", self.path, e)
+        self.healthy, self.last_error = False, str(e)
+
+    async def committed(self) -> None:
+        """Returns once everything written so far is committed (raises StoreError if it failed)."""
+        if self._commit is not None:
+            await asyncio.shield(self._commit)
+
+    def after_commit(self, cb: Callable[[], None]) -> None:
+        """Runs cb once the open transaction commits (at once when none is open)."""
+        if self._commit is None:
+            cb()
+        else:
+            self._after_commit.append(cb)
+
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        self._tx()
+        try:
+            return self._db.execute(sql, tuple(params))
+        except sqlite3.Error as e:
+            self._failed(e)
+            raise StoreError(str(e)) from e
+
+    # -- enqueue
+    def by_key(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
+        return _job(row) if row else None
+
+    def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[dict[str, Any], bool]]:
+        """Inserts jobs (or finds the kept job with the same key); returns (job, created) each."""
+        out: list[tuple[dict[str, Any], bool]] = []
+        now = time.time()
+        self._tx()
+        for j in jobs:
+            if j.key is not None and (existing := self.by_key(j.key)) is not None:
+                out.append((existing, False))
+                continue
+            jid = uuid.uuid4().hex
+            args, kwargs = json.dumps(j.args), json.dumps(j.kwargs)
+            self._write("INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries, key,"
+                        " created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                        (jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
+            self.queued += 1
+            out.append(({"id": jid, "fn": j.fn, "args": j.args, "kwargs": j.kwargs, "state": "queued",
+                         "priority": j.priority, "timeout": j.timeout, "retries": j.retries,
+                         "attempts": 0, "key": j.key, "created_at": iso(now), "started_at": None,
+                         "finished_at": None, "worker": None, "result": None, "error": None,
+                         "progress": None}, True))
+        return out
+
+    # -- the queue
+    def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
+        """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
+        rows = self._db.execute(
+            "SELECT id, fn, args, kwargs, timeout, retries, attempts FROM jobs WHERE state = 'queued'"
+            " ORDER BY priority DESC, seq LIMIT ?", (limit + len(skip),)).fetchall()
+        out = []
+        for jid, fn, args, kwargs, timeout, retries, attempts in rows:
+            if jid not in skip:
+                out.append(Claimed(jid, fn, json.loads(args), json.loads(kwargs), timeout, retries, attempts))
+                if len(out) == limit:
+                    break
+        return out
+
+    def start(self, jid: str, started_at: float, worker: dict[str, Any]) -> None:
+        """queued → running, counting the attempt."""
+        cur = self._write("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1,"
+                          " worker = ?, progress = NULL, error = NULL WHERE id = ? AND state = 'queued'",
+                          (started_at, json.dumps(worker), jid))
+        self.queued -= cur.rowcount
+
+    def finish(self, jid: str, state: str, *, result_json: str | None = None,
+               error: dict[str, Any] | None = None, progress: dict[str, Any] | None = None,
+               started: tuple[float, dict[str, Any]] | None = None) -> None:
+        """running (or queued, with `started`) → a final state, with result or error, in one statement."""
+        now = time.time()
+        if started is not None:
+            cur = self._write(
+                "UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?,"
+                " started_at = ?, worker = ?, attempts = attempts + 1 WHERE id = ? AND state = 'queued'",
+                (state, result_json, _dumps(error), _dumps(progress), now, started[0],
+                 json.dumps(started[1]), jid))
+            self.queued -= cur.rowcount
+            return
+        self._write("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?"
+                    " WHERE id = ? AND state = 'running'",
+                    (state, result_json, _dumps(error), _dumps(progress), now, jid))
+
+    def retry(self, jid: str, error: dict[str, Any]) -> None:
+        """running → queued again (a failed attempt with retries left); the error is kept."""
+        cur = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE id = ? AND state = 'running'",
+                          (json.dumps(error), jid))
+        self.queued += cur.rowcount
+
+    def cancel(self, jid: str) -> str | None:
+        """queued or running → cancelled; returns the state it left (None if not found or final)."""
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
+        if row is None or row[0] not in ("queued", "running"):
+            return None
+        self._write("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (time.time(), jid))
+        if row[0] == "queued":
+            self.queued -= 1
+        return str(row[0])
+
+    def recover(self) -> tuple[int, int]:
+        """At start: running jobs of a previous instance are retried, or failed as interrupted."""
+        err = json.dumps({"type": "interrupted", "message": "the daemon stopped while the job ran",
+                          "exception": None, "traceback": None})
+        self._tx()
+        retried = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE state = 'running'"
+                              " AND attempts <= retries", (err,)).rowcount
+        failed = self._write("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?"
+                             " WHERE state = 'running'", (err, time.time())).rowcount
+        self.queued += retried
+        return retried, failed
+
+    def expire(self, ttl: float) -> int:
+        """Deletes finished jobs older than ttl seconds."""
+        row = self._db.execute("SELECT 1 FROM jobs WHERE finished_at < ? LIMIT 1",
+                               (time.time() - ttl,)).fetchone()
+        if row is None:
+            return 0
+        return self._write("DELETE FROM jobs WHERE finished_at < ?", (time.time() - ttl,)).rowcount
+
+    # -- reads
+    def get(self, jid: str) -> dict[str, Any] | None:
+        row = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
+        return _job(row) if row else None
+
+    def state_of(self, jid: str) -> str | None:
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def list(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        if state is None:
+            rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
+                                    (state, limit))
+        return [_job(r) for r in rows.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._ro.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {s: 0 for s in STATES} | {str(s): int(n) for s, n in rows}
+
+    # -- process records (a previous instance's leftovers)
+    def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+        self._write("DELETE FROM processes")
+        for pid, ctime, role in procs:
+            self._write("INSERT OR REPLACE INTO processes VALUES (?, ?, ?)", (pid, ctime, role))
+
+    def recorded_processes(self) -> list[tuple[int, float, str]]:
+        return [(int(p), float(c), str(r)) for p, c, r in
+                self._db.execute("SELECT pid, create_time, role FROM processes").fetchall()]
+
+    def probe(self) -> bool:
+        """A cheap write check for health: can the database be written right now?"""
+        if self._commit is not None:
+            return self.healthy
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            self._failed(e)
+            return False
+        return self.healthy
+
+    def close(self) -> None:
+        if self._commit is not None:
+            self._do_commit()
+        if self._ro is not self._db:
+            self._ro.close()
+        self._db.close()
+
+
+def _dumps(v: Any) -> str | None:
+    return None if v is None else json.dumps(v)

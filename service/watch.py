@@ -1,0 +1,114 @@
+"""The daemon's periodic duties: orphan sweeps, result expiry, process records, systemd pings.
+
+Each runs on the event loop every `supervisor.interval`; anything that may
+wait (ending a process after its grace) runs in a thread so the loop never
+stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from service import supervisor, systemd
+from service.api import Context, health_reasons
+
+log = logging.getLogger("poold.watch")
+
+
+class Watch:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._ending: set[int] = set()  # leftovers being ended right now
+        self._recorded: frozenset[int] = frozenset()
+        self._status = ""
+        self._last_expire = 0.0
+        self._loop_lag = 0.0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._housekeeping())
+            if (period := systemd.watchdog_period()) is not None:
+                tg.create_task(self._watchdog(period))
+
+    async def _housekeeping(self) -> None:
+        tg_tasks: set[asyncio.Task[None]] = set()
+        while True:
+            interval = self.ctx.cfg.supervisor.interval
+            t = time.monotonic()
+            await asyncio.sleep(interval)
+            self._loop_lag = max(0.0, time.monotonic() - t - interval)
+            try:
+                self._sweep_orphans(tg_tasks)
+                self._expire()
+                self._record_processes()
+                self._report_status()
+            except Exception:  # a failed round must not end supervision: log it and go on
+                log.exception("housekeeping round failed")
+
+    def _sweep_orphans(self, tasks: set[asyncio.Task[None]]) -> None:
+        pool = self.ctx.scheduler.pool
+        known = pool.helper_pids() | set(pool.processes()) | self._ending
+        supervisor.reap_children(skip=set(pool.processes()) | pool.helper_pids())
+        idle = [s.pid for s in pool.slots.values() if s.state == "idle" and s.pid is not None]
+        orphans = [p for p in supervisor.find_orphans(known, idle) if p.pid not in self._ending]
+        if not orphans:
+            return
+        pids = {p.pid for p in orphans}
+        self._ending |= pids
+
+        async def end() -> None:
+            try:
+                await asyncio.to_thread(supervisor.sweep, orphans, self.ctx.cfg.supervisor.kill_grace)
+            finally:
+                self._ending -= pids
+
+        task = asyncio.get_running_loop().create_task(end())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        ttl = self.ctx.cfg.jobs.result_ttl
+        if now - self._last_expire < min(ttl / 4, 30.0):
+            return
+        self._last_expire = now
+        n = self.ctx.store.expire(ttl)
+        if n:
+            log.debug("expired %d finished jobs", n)
+
+    def _record_processes(self) -> None:
+        """Keeps the store's list of our processes current, so a next instance can end them."""
+        pool = self.ctx.scheduler.pool
+        pids = frozenset({os.getpid(), *pool.processes(), *(pool.helper_pids() - {os.getpid()})})
+        if pids == self._recorded:
+            return
+        records = []
+        for pid in pids:
+            ident = supervisor.identity(pid)
+            if ident is not None:
+                role = "daemon" if pid == os.getpid() else "worker"
+                records.append((ident[0], ident[1], role))
+        self.ctx.store.record_processes(records)
+        self._recorded = pids
+
+    def _report_status(self) -> None:
+        st = self.ctx.scheduler.state()
+        busy = st["workers"].get("busy", 0)
+        total = sum(st["workers"].values())
+        status = f"STATUS={st['queued']} queued, {st['running']} running, {busy}/{total} workers busy"
+        if status != self._status:
+            self._status = status
+            systemd.notify(status)
+
+    async def _watchdog(self, period: float) -> None:
+        """WATCHDOG=1 only while healthy: a hung loop, no live worker or a dead store stops the pings."""
+        while True:
+            await asyncio.sleep(period)
+            reasons = [r for r in health_reasons(self.ctx) if not r.startswith("draining")]
+            if not reasons and self._loop_lag < period:
+                systemd.notify("WATCHDOG=1")
+            else:
+                log.warning("watchdog ping withheld: %s", "; ".join(reasons) or "event loop lagging")

@@ -1,0 +1,183 @@
+"""What runs inside a worker process ("poold: worker N").
+
+Kept free of aiohttp and the daemon's modules so that workers stay small.
+A worker gets jobs in batches (one executor call for several short jobs) and
+reports each job's start, progress and outcome over its own pipe as it goes,
+so a batch cut short by a kill loses nothing that already finished. The
+results are JSON text made here, once: the daemon stores them as they are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+from service.progress import channel as _channel
+from service.progress import flush as _flush_progress
+
+# a job's tuple: (id, fn, args, kwargs)
+JobTuple = tuple[str, str, list[Any], dict[str, Any]]
+
+_events: Any = None  # multiprocessing Connection: worker -> daemon
+_control: Any = None  # multiprocessing Connection: daemon -> worker (cancelled ids)
+_cancelled: set[str] = set()
+_functions: dict[str, Any] = {}
+
+
+def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str, ...],
+         close_fds: tuple[int, ...]) -> None:
+    """Executor initializer: title, signal policy, death watch, preload.
+
+    `close_fds` are the daemon's own pipe ends that a forked (start method
+    "fork") worker inherits and must not keep open.
+    """
+    global _events, _control
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _set_parent_death_signal()
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"poold: worker {slot}")
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    # The daemon decides when a worker ends; a Ctrl-C in the terminal must not kill jobs mid-way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _events, _control = events, control
+    _channel.send = events.send
+    threading.Thread(target=_watch_daemon, args=(lifeline,), name="poold-lifeline", daemon=True).start()
+    for mod in preload:
+        importlib.import_module(mod)
+
+
+def _set_parent_death_signal() -> None:
+    """SIGKILL when the parent dies (covers "spawn" and "fork", where the parent is the daemon)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _watch_daemon(lifeline: Any) -> None:
+    """Ends this worker and everything it started once the daemon is gone.
+
+    The daemon holds the only write end of the lifeline pipe, so EOF here means
+    the daemon died, even by SIGKILL (PR_SET_PDEATHSIG cannot tell under
+    forkserver, where the parent is the forkserver).
+    """
+    try:
+        while True:
+            lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    _kill_descendants()
+    os._exit(70)
+
+
+def _kill_descendants() -> None:
+    try:
+        import psutil
+
+        me = psutil.Process()
+        kids = me.children(recursive=True)
+        for p in reversed(kids):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001 - best effort on the way out, nothing to report to
+        pass
+
+
+def hello() -> tuple[int, float]:
+    """The first call on a new worker: its pid, once it is ready for jobs."""
+    return os.getpid(), time.time()
+
+
+def _resolve(fn: str) -> Any:
+    f = _functions.get(fn)
+    if f is None:
+        mod, _, name = fn.partition(":")
+        obj: Any = importlib.import_module(mod)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        f = _functions[fn] = obj
+    return f
+
+
+def _error(kind: str, message: str, exc: BaseException | None = None) -> dict[str, Any]:
+    tb = None
+    if exc is not None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"type": kind, "message": message, "exception": type(exc).__name__ if exc else None,
+            "traceback": tb}
+
+
+def _run_one(job: JobTuple, max_result_bytes: int) -> tuple[str, Any]:
+    """Runs one job; ("ok", result JSON text) or ("error", error dict)."""
+    jid, fn, args, kwargs = job
+    try:
+        result = _resolve(fn)(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - a job's exception (even SystemExit) is its outcome
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return "error", _error("exception", f"{type(e).__name__}: {e}", e)
+    finally:
+        _flush_progress()
+    try:
+        text = json.dumps(result, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
+        return "error", _error("unserializable_result",
+                               f"the result of type {type(result).__name__} is not JSON: {e}")
+    if len(text) > max_result_bytes:
+        return "error", _error("result_too_large",
+                               f"the result is {len(text)} bytes, more than jobs.max_result_bytes"
+                               f" ({max_result_bytes})")
+    return "ok", text
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _take_cancels() -> None:
+    while _control.poll():
+        _cancelled.update(_control.recv())
+
+
+def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -> int:
+    """Runs jobs in order, reporting each; stops early when over max_memory_mb. Returns jobs run."""
+    send = _events.send
+    done = 0
+    for job in jobs:
+        _take_cancels()
+        jid = job[0]
+        if jid in _cancelled:
+            _cancelled.discard(jid)
+            continue
+        send(("start", jid, time.time()))
+        _channel.job_id = jid
+        t = time.perf_counter()
+        try:
+            kind, payload = _run_one(job, max_result_bytes)
+        finally:
+            _channel.job_id = None
+        send(("done", jid, kind, payload, time.perf_counter() - t))
+        done += 1
+        if max_memory_mb and _rss_mb() > max_memory_mb:
+            break
+    return done
