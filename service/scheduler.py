@@ -95,14 +95,13 @@ class Scheduler:
                 if s.state == "idle" and not s.batches and not s.retiring and s.executor is not None]
         if not free:
             return
-        waiting = self.store.queued - len(self.dispatched)
+        # jobs queued in the store and not yet handed to a worker (sizes batches only)
+        waiting = self.store.queued - (len(self.dispatched) - len(self.running))
         for slot in free:
-            if waiting <= 0:
-                break
             head = self.store.next_queued(1, set(self.dispatched))
             if not head:
                 break
-            size = min(self.stats.batch_size(head[0].fn), math.ceil(waiting / len(free)))
+            size = min(self.stats.batch_size(head[0].fn), max(1, math.ceil(waiting / len(free))))
             batch = head if size == 1 else self.store.next_queued(size, set(self.dispatched))
             for c in batch:
                 self.dispatched[c.id] = slot
