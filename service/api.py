@@ -52,7 +52,8 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(text=_dumps(data), status=status, headers=headers, content_type="application/json")
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status, headers)
 
 
@@ -67,7 +68,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if ctx.token and not (request.method == "GET" and request.path == "/health"):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {ctx.token}".encode()):
-                raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                raise ApiError(401, "unauthorized",
+                               "a valid 'Authorization: Bearer <token>' header is required",
                                {"WWW-Authenticate": "Bearer"})
         return await handler(request)
     except ApiError as e:
@@ -182,9 +184,38 @@ async def get_job(request: web.Request) -> web.Response:
     if job is None:
         raise ApiError(404, "not_found", f"no job {jid!r}")
     if wait and job["state"] not in FINAL_STATES:
-        await ctx.scheduler.wait(jid, wait)
+        await ctx.scheduler.wait([jid], wait)
         job = ctx.store.get(jid) or job
     return _json(_with_progress(ctx, job))
+
+
+async def wait_jobs(request: web.Request) -> web.Response:
+    """POST /v1/jobs/wait {"ids": [...], "timeout": S, "all": false}: one long-poll for many jobs.
+
+    Answers with the jobs among `ids` that have finished, as soon as one has (or all have, with
+    "all": true), or after S seconds (0..60) with those finished by then. Unknown ids are left out.
+    """
+    ctx = request.app[CTX]
+    body = await _body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("ids"), list) \
+            or not all(isinstance(i, str) for i in body["ids"]):
+        raise ApiError(422, "invalid_request", "ids: expected a list of job ids")
+    if len(body["ids"]) > 100000:
+        raise ApiError(422, "invalid_request", "ids: at most 100000 ids")
+    timeout = body.get("timeout", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 60:
+        raise ApiError(422, "invalid_request", "timeout: expected a number from 0 to 60")
+    need_all = body.get("all", False)
+    if not isinstance(need_all, bool):
+        raise ApiError(422, "invalid_request", "all: expected true or false")
+    ids = list(dict.fromkeys(body["ids"]))
+    states = ctx.store.states(ids)
+    open_ids = [i for i in ids if states.get(i) not in (None, *FINAL_STATES)]
+    done = len(states) - len(open_ids)
+    if timeout and open_ids and (need_all or done == 0):
+        await ctx.scheduler.wait(open_ids, timeout, need_all)
+    jobs = ctx.store.get_many(ids)
+    return _json({"jobs": [j for j in jobs if j["state"] in FINAL_STATES]})
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -215,7 +246,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "100")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise ApiError(422, "invalid_request", "limit: expected an integer from 1 to 1000")
-    jobs = [_with_progress(ctx, j) for j in ctx.store.list(state, int(raw))]
+    jobs = [_with_progress(ctx, j) for j in ctx.store.list_jobs(state, int(raw))]
     return _json({"jobs": jobs})
 
 
@@ -260,6 +291,7 @@ def make_app(ctx: Context) -> web.Application:
     app[CTX] = ctx
     app.router.add_post("/v1/jobs", submit)
     app.router.add_post("/v1/jobs/batch", submit_batch)
+    app.router.add_post("/v1/jobs/wait", wait_jobs)
     app.router.add_get("/v1/jobs", list_jobs, allow_head=False)
     app.router.add_get("/v1/jobs/{id}", get_job, allow_head=False)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)

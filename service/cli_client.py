@@ -33,18 +33,19 @@ def run(name: str, args: argparse.Namespace) -> int:
         with client:
             return _HANDLERS[name](client, args)
     except PooldUnavailable as e:
-        error(f"cannot reach the daemon at {args.url}: {e}")
+        error(f"cannot reach the daemon at {args.url}: {_unreachable(e)}")
         return 1
     except PooldError as e:
-        error(_describe(e))
+        error(str(e))
         return 1
 
 
-def _describe(e: BaseException) -> str:
-    """"HTTP 401 unauthorized: ..." from a PooldError (status and code where known)."""
-    status, code = getattr(e, "status", None), getattr(e, "code", None)
-    head = " ".join(str(x) for x in (f"HTTP {status}" if status else None, code) if x)
-    return f"{head}: {e}" if head else str(e)
+def _unreachable(e: BaseException) -> str:
+    """Why the daemon could not be reached, in a few words ("Connection refused")."""
+    cause = e.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause or e)
 
 
 def submit(client: Client, args: argparse.Namespace) -> int:
@@ -57,7 +58,7 @@ def submit(client: Client, args: argparse.Namespace) -> int:
         raise
     except PooldError as e:
         if e.status is not None and 400 <= e.status < 500:  # the daemon refused this request
-            error(f"refused: {_describe(e)}")
+            error(f"refused: {e}")
             return 2
         raise
     if not args.wait:
@@ -66,22 +67,22 @@ def submit(client: Client, args: argparse.Namespace) -> int:
         else:
             print(job["id"])
         return 0
-    job = _follow(client, job, None)
-    return _finish(job, args.json)
+    return _wait_and_finish(client, job, None, args.json)
 
 
-def _follow(client: Client, job: Job, seconds: float | None) -> Job:
-    """Waits for the job; on Ctrl-C says how to find it again instead of a traceback."""
+def _wait_and_finish(client: Client, job: Job, seconds: float | None, as_json: bool) -> int:
+    """Waits for the job and reports it; Ctrl-C only stops the waiting, and says so."""
     try:
-        return follow(client, job, seconds, bar=on_terminal())
+        job = follow(client, job, seconds, bar=on_terminal())
     except KeyboardInterrupt:
-        error(f"stopped waiting; job {job['id']} carries on (poold status {job['id']}, "
-              f"poold cancel {job['id']})")
-        raise
+        jid = job["id"]
+        error(f"stopped waiting; job {jid} carries on (poold status {jid}, poold cancel {jid})")
+        return 130
+    return _finish(job, as_json)
 
 
 def _finish(job: Job, as_json: bool) -> int:
-    """Output for a waited-for job: the Job (--json) or just its result; 1 unless it succeeded."""
+    """Output for a waited-for job: the Job (--json) or only its result; 1 unless it succeeded."""
     ok = job["state"] == "succeeded"
     if as_json:
         print_json(job)
@@ -102,15 +103,13 @@ def status(client: Client, args: argparse.Namespace) -> int:
             error(f"job {args.id} not found")
             return 1
         raise
-    if args.wait is not None:
-        job = _follow(client, job, args.wait)
+    if args.wait is not None:  # like `submit --wait`: the result, or why there is none
+        return _wait_and_finish(client, job, args.wait, args.json)
     if args.json:
         print_json(job)
     else:
         print("\n".join(job_lines(job)))
-    if args.wait is None:
-        return 0
-    return 0 if job["state"] == "succeeded" else 1
+    return 0
 
 
 def cancel(client: Client, args: argparse.Namespace) -> int:
@@ -123,7 +122,7 @@ def cancel(client: Client, args: argparse.Namespace) -> int:
             error(f"job {args.id} not found")
             return 1
         if e.status == 409:
-            error(f"job {args.id} not cancelled: {_describe(e)}")
+            error(f"job {args.id} not cancelled: {e}")
             return 1
         raise
     if args.json:

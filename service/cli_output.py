@@ -33,9 +33,10 @@ def compact(value: Any, limit: int = 0) -> str:
 
 
 def number(x: Any) -> Any:
-    """3.0 -> 3, so progress reads "3/5" rather than "3.0/5.0"."""
-    if isinstance(x, float) and x.is_integer():
-        return int(x)
+    """3.0 -> 3 and 1.000129 -> 1, so progress reads "3/5" rather than "3.0/5.0"."""
+    if isinstance(x, float):
+        x = round(x, 2)
+        return int(x) if x.is_integer() else x
     return x
 
 
@@ -55,18 +56,23 @@ def error_text(job: Job) -> str:
     if not err:
         return job["state"]
     parts = [str(err.get("type") or job["state"])]
-    if err.get("exception"):
-        parts.append(str(err["exception"]))
-    if err.get("message"):
-        parts.append(str(err["message"]))
+    exc, message = err.get("exception"), str(err.get("message") or "")
+    if exc and not message.startswith(f"{exc}:"):  # the daemon may have named it already
+        parts.append(str(exc))
+    if message:
+        parts.append(message)
     return ": ".join(parts)
 
 
 def report_failure(job: Job) -> None:
-    """On stderr: the state, the error and (for an exception) the remote traceback."""
+    """On stderr: why the job did not succeed, with the remote traceback of an exception."""
     state = job["state"]
     if state == "cancelled":
         error(f"job {job['id']} was cancelled")
+        return
+    if state not in FINISHED:  # `status --wait S` ran out of time
+        done = progress_text(job.get("progress"))
+        error(f"job {job['id']} still {state}" + (f" ({done})" if done else ""))
         return
     error(f"job {job['id']} {state}: {error_text(job)}")
     tb = (job.get("error") or {}).get("traceback")

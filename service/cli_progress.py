@@ -1,7 +1,7 @@
 """Waiting for a job from the command line, with a live tqdm bar on a terminal.
 
 The bar is fed by the Job's `progress` ({"current", "total", "message"}). It
-polls in short slices rather than one long poll so that intermediate reports
+long-polls in short slices rather than one long poll so that intermediate reports
 show; piped, one long poll (the client's `wait`) is enough.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from service.cli_output import FINISHED, Job, number
@@ -54,8 +55,8 @@ def _follow_with_bar(client: Client, job: Job, seconds: float | None) -> Job:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return job
-            time.sleep(POLL_SLICE if left is None else min(POLL_SLICE, left))
-            job = client.get(job["id"])
+            # a short long-poll: back at once when the job ends, else after one slice
+            job = client.get(job["id"], wait=POLL_SLICE if left is None else min(POLL_SLICE, left))
 
 
 _FORMAT_KNOWN = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]"
@@ -76,6 +77,19 @@ def _show(bar: Any, job: Job) -> None:
         bar.total = None
     bar.n = current
     state = job["state"]
+    if state != "queued" and not getattr(bar, "poold_started", False):
+        _clock_from(bar, job.get("started_at"))
     label = progress.get("message") if state == "running" else None
     bar.set_description_str(label or state, refresh=False)
     bar.refresh()
+
+
+def _clock_from(bar: Any, started_at: str | None) -> None:
+    """Makes the bar's elapsed time the job's own run time (same host, same clock)."""
+    bar.poold_started = True
+    try:
+        start = datetime.fromisoformat(str(started_at).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return
+    if start <= time.time():
+        bar.start_t = start

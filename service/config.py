@@ -259,7 +259,8 @@ def _check_whole(cfg: Config) -> None:
         try:
             token = cfg.token
         except OSError as e:
-            raise ConfigError(cfg.source, "server.token_file", f"cannot read {s.token_file}: {e.strerror}") from None
+            raise ConfigError(cfg.source, "server.token_file",
+                              f"cannot read {s.token_file}: {e.strerror}") from None
         if not token:
             raise ConfigError(cfg.source, "server.token_file", f"{s.token_file} is empty")
     if cfg.jobs.default_timeout > cfg.jobs.max_timeout:

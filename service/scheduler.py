@@ -51,6 +51,14 @@ class _Stats:
         return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(avg, 1e-6))))
 
 
+class _Waiter:
+    __slots__ = ("event", "left")
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.event = asyncio.Event()
+
+
 def _error(kind: str, message: str) -> dict[str, Any]:
     return {"type": kind, "message": message, "exception": None, "traceback": None}
 
@@ -64,7 +72,7 @@ class Scheduler:
         self.dispatched: dict[str, Slot] = {}  # handed to a worker, not ended
         self.running: dict[str, Running] = {}  # started, not ended
         self.cancelled_pending: set[str] = set()
-        self.waiters: dict[str, asyncio.Event] = {}
+        self.waiters: dict[str, list[_Waiter]] = {}
         self.stats = _Stats()
         self.accepting = True  # False while draining: nothing new starts
         self._kicked = False
@@ -252,21 +260,36 @@ class Scheduler:
         self.store.after_commit(lambda: self._wake([jid]))
         return "cancelled"
 
-    async def wait(self, jid: str, timeout: float) -> None:
-        """Returns when the job ends (its final state committed) or after timeout seconds."""
-        ev = self.waiters.get(jid)
-        if ev is None:
-            ev = self.waiters[jid] = asyncio.Event()
+    async def wait(self, ids: list[str], timeout: float, need_all: bool = True) -> None:
+        """Returns when the jobs end (one of them, unless need_all) or after timeout seconds.
+
+        One waiter object serves all the ids, so a long-poll on thousands of jobs costs one
+        wake-up, not thousands of tasks. The caller passes only jobs not yet final.
+        """
+        if not ids:
+            return
+        w = _Waiter(len(ids) if need_all else 1)
+        for jid in ids:
+            self.waiters.setdefault(jid, []).append(w)
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
+            await asyncio.wait_for(w.event.wait(), timeout)
         except TimeoutError:
             pass
+        finally:
+            if w.left > 0:
+                for jid in ids:
+                    lst = self.waiters.get(jid)
+                    if lst is not None and w in lst:
+                        lst.remove(w)
+                        if not lst:
+                            del self.waiters[jid]
 
     def _wake(self, ids: list[str]) -> None:
         for jid in ids:
-            ev = self.waiters.pop(jid, None)
-            if ev is not None:
-                ev.set()
+            for w in self.waiters.pop(jid, ()):
+                w.left -= 1
+                if w.left <= 0:
+                    w.event.set()
 
     def progress_of(self, jid: str) -> dict[str, Any] | None:
         r = self.running.get(jid)

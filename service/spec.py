@@ -18,7 +18,8 @@ from typing import Any
 from service.config import JobsConfig
 from service.store import NewJob
 
-_FN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_FN = re.compile(f"^{_DOTTED}:{_DOTTED}$")
 _FIELDS = {"fn", "args", "kwargs", "timeout", "priority", "retries", "key"}
 
 

@@ -301,11 +301,31 @@ class Store:
         row = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
         return _job(row) if row else None
 
+    def states(self, ids: list[str]) -> dict[str, str]:
+        """{id: state} for the known ids among `ids` (committed data)."""
+        out: dict[str, str] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update((str(a), str(b)) for a, b in
+                       self._ro.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk))
+        return out
+
+    def get_many(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The known jobs among `ids`, in the order given (committed data)."""
+        found: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
+                found[row[0]] = _job(row)
+        return [found[i] for i in ids if i in found]
+
     def state_of(self, jid: str) -> str | None:
         row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         return None if row is None else str(row[0])
 
-    def list(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         if state is None:
             rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
         else:

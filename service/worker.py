@@ -128,10 +128,10 @@ def _error(kind: str, message: str, exc: BaseException | None = None) -> dict[st
 
 def _run_one(job: JobTuple, max_result_bytes: int) -> tuple[str, Any]:
     """Runs one job; ("ok", result JSON text) or ("error", error dict)."""
-    jid, fn, args, kwargs = job
+    _, fn, args, kwargs = job
     try:
         result = _resolve(fn)(*args, **kwargs)
-    except BaseException as e:  # noqa: BLE001 - a job's exception (even SystemExit) is its outcome
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         return "error", _error("exception", f"{type(e).__name__}: {e}", e)

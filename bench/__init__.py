@@ -1,0 +1,1 @@
+"""Benchmarks: each prints figures measured against a bare ProcessPoolExecutor in the same run."""
