@@ -132,11 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(path, os.environ, flags)
     except ConfigError as err:
-        text = str(err)
-        flag = next((n for n, k in _SERVE_FLAGS.items() if k == err.key), None)
-        if flag and err.source.startswith("--"):  # config names a flag after its key: say ours
-            text = f"--{flag.replace('_', '-')}: {err.key}: {err.message}"
-        print(f"poold: invalid configuration: {text}", file=sys.stderr)
+        print(f"poold: invalid configuration: {err}", file=sys.stderr)
         return 2
     from service.daemon import run  # heavy (aiohttp, uvloop): only for serve
 

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+# `poold serve` flags, by the key each overrides (for messages)
+FLAG_NAMES = {"server.host": "--host", "server.port": "--port", "pool.workers": "--workers",
+              "store.path": "--store", "log.level": "--log-level"}
+
+
 class ConfigError(Exception):
     """A configuration value is wrong; `str()` names the source, the key and the problem."""
 
@@ -240,7 +245,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     for name, value in (flags or {}).items():
         if value is not None:
             section, key = name.split(".", 1)
-            _apply(values, section, key, value, "--" + key.replace("_", "-"))
+            _apply(values, section, key, value, FLAG_NAMES.get(name, "--" + key.replace("_", "-")))
     cfg = Config(**{s: _TYPES[s](**values.get(s, {})) for s in _TYPES},  # type: ignore[arg-type]
                  source=source, path=None if path is None else os.fspath(path),
                  flags=tuple((k, v) for k, v in (flags or {}).items() if v is not None))

@@ -15,6 +15,8 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,6 +33,57 @@ log = logging.getLogger("poold.pool")
 
 EventHandler = Callable[["Slot", list[tuple[Any, ...]]], None]
 BatchEndHandler = Callable[["Slot", list[Claimed], BaseException | None], None]
+
+
+class _FrameReader:
+    """Reads a worker's event pipe without blocking: every message waiting, in one system call.
+
+    The frames are multiprocessing.Connection's (a 4-byte big-endian length, or -1 then an
+    8-byte length, then a pickle). A frame cut short by the worker's death is dropped at EOF;
+    it never blocks the event loop, as Connection.recv() would.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self.buf = bytearray()
+
+    def read(self) -> list[tuple[Any, ...]]:
+        """Messages complete so far; EOFError once the worker's end is closed."""
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                break
+            except OSError:
+                raise EOFError from None
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+            if len(chunk) < 1 << 20:
+                break
+        return self.messages()
+
+    def messages(self) -> list[tuple[Any, ...]]:
+        out = []
+        buf, pos, end = self.buf, 0, len(self.buf)
+        while end - pos >= 4:
+            (n,) = _INT.unpack_from(buf, pos)
+            head = 4
+            if n == -1:
+                if end - pos < 12:
+                    break
+                (n,) = _LONG.unpack_from(buf, pos + 4)
+                head = 12
+            if end - pos - head < n:
+                break
+            out.append(pickle.loads(memoryview(buf)[pos + head:pos + head + n]))
+            pos += head + n
+        del buf[:pos]
+        return out
+
+
+_INT, _LONG = struct.Struct("!i"), struct.Struct("!Q")
 
 
 @dataclass(eq=False)
@@ -50,6 +103,7 @@ class Slot:
     current: str | None = None  # the job that has started and not ended
     current_started: float = 0.0
     kill_reason: dict[str, str] = field(default_factory=dict)  # job id -> "timeout" | "cancel"
+    reader: _FrameReader | None = None
     retiring: bool = False  # replace once its batches end (recycling, resizing)
     generation: int = 0
 
@@ -123,7 +177,8 @@ class Pool:
         slot.process = next(iter(getattr(executor, "_processes", {}).values()), None)
         slot.pid = getattr(slot.process, "pid", None)
         assert self._loop is not None
-        self._loop.add_reader(events_r.fileno(), self._read, slot, events_r)
+        slot.reader = _FrameReader(events_r.fileno())
+        self._loop.add_reader(events_r.fileno(), self._read, slot, slot.reader)
         try:
             pid, _ = await asyncio.wrap_future(hello)
         except Exception as e:  # noqa: BLE001 - a worker that cannot start is retried after a pause
@@ -138,21 +193,20 @@ class Pool:
         log.debug("worker %d started (pid %d)", slot.n, pid)
         self._on_ready(slot)
 
-    def _read(self, slot: Slot, conn: multiprocessing.connection.Connection) -> None:
-        msgs: list[tuple[Any, ...]] = []
+    def _read(self, slot: Slot, reader: _FrameReader) -> None:
         try:
-            while conn.poll():
-                msgs.append(conn.recv())
-        except (EOFError, OSError):
+            msgs = reader.read()
+        except EOFError:
             assert self._loop is not None
-            self._loop.remove_reader(conn.fileno())
+            self._loop.remove_reader(reader.fd)
+            msgs = reader.messages()
         if msgs:
             self._on_events(slot, msgs)
 
     def drain(self, slot: Slot) -> None:
         """Reads what the worker sent before its batch ended (the pipe is read before the result)."""
-        if slot.events is not None and not slot.events.closed:
-            self._read(slot, slot.events)
+        if slot.reader is not None and slot.events is not None and not slot.events.closed:
+            self._read(slot, slot.reader)
 
     def submit(self, slot: Slot, batch: list[Claimed], max_result_bytes: int) -> None:
         assert slot.executor is not None
