@@ -117,19 +117,24 @@ def _check_room(ctx: Context, n: int) -> None:
                        {"Retry-After": "1"})
 
 
+def _job_response(text: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=text, status=status, headers=headers, content_type="application/json")
+
+
 async def submit(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     _refuse_when_draining(ctx)
     new = spec.parse(await _body(request), ctx.cfg.jobs, ctx.allow)
     if new.key is None or ctx.store.by_key(new.key) is None:
         _check_room(ctx, 1)
-    [(job, created)] = ctx.store.enqueue_many([new])
+    [(jid, text, created)] = ctx.store.enqueue_many([new])
     await ctx.store.committed()
-    if not created:
-        return _json(_with_progress(ctx, job))
+    if not created:  # the kept job with this key, as it is now
+        found = ctx.store.get_json(jid, ctx.scheduler.progress_json)
+        return _job_response(found[1] if found else text)
     ctx.metrics.submitted.inc()
     ctx.scheduler.kick()
-    return _json(job, 202, {"Location": f"/v1/jobs/{job['id']}"})
+    return _job_response(text, 202, {"Location": f"/v1/jobs/{jid}"})
 
 
 async def submit_batch(request: web.Request) -> web.Response:
@@ -150,17 +155,9 @@ async def submit_batch(request: web.Request) -> web.Response:
     _check_room(ctx, fresh)
     results = ctx.store.enqueue_many(new)
     await ctx.store.committed()
-    ctx.metrics.submitted.inc(sum(1 for _, created in results if created))
+    ctx.metrics.submitted.inc(sum(1 for _, _, created in results if created))
     ctx.scheduler.kick()
-    return _json({"jobs": [job for job, _ in results]}, 202)
-
-
-def _with_progress(ctx: Context, job: dict[str, Any]) -> dict[str, Any]:
-    if job["state"] == "running":
-        p = ctx.scheduler.progress_of(job["id"])
-        if p is not None:
-            job["progress"] = p
-    return job
+    return _job_response('{"jobs":[' + ",".join(text for _, text, _ in results) + "]}", 202)
 
 
 def _number(request: web.Request, name: str, lo: float, hi: float) -> float | None:
@@ -180,13 +177,13 @@ async def get_job(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     jid = request.match_info["id"]
     wait = _number(request, "wait", 0, 60)
-    job = ctx.store.get(jid)
-    if job is None:
+    found = ctx.store.get_json(jid, ctx.scheduler.progress_json)
+    if found is None:
         raise ApiError(404, "not_found", f"no job {jid!r}")
-    if wait and job["state"] not in FINAL_STATES:
+    if wait and found[0] not in FINAL_STATES:
         await ctx.scheduler.wait([jid], wait)
-        job = ctx.store.get(jid) or job
-    return _json(_with_progress(ctx, job))
+        found = ctx.store.get_json(jid, ctx.scheduler.progress_json) or found
+    return _job_response(found[1])
 
 
 async def wait_jobs(request: web.Request) -> web.Response:
@@ -214,8 +211,7 @@ async def wait_jobs(request: web.Request) -> web.Response:
     done = len(states) - len(open_ids)
     if timeout and open_ids and (need_all or done == 0):
         await ctx.scheduler.wait(open_ids, timeout, need_all)
-    jobs = ctx.store.get_many(ids)
-    return _json({"jobs": [j for j in jobs if j["state"] in FINAL_STATES]})
+    return _job_response('{"jobs":[' + ",".join(ctx.store.finished_json(ids)) + "]}")
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -232,10 +228,10 @@ async def cancel_job(request: web.Request) -> web.Response:
     if outcome == "already_started":
         raise ApiError(409, "already_started", f"job {jid} has started (queued_only=true)")
     await ctx.store.committed()
-    job = ctx.store.get(jid)
-    if job is None:
+    found = ctx.store.get_json(jid)
+    if found is None:
         raise ApiError(404, "not_found", f"no job {jid!r}")
-    return _json(job)
+    return _job_response(found[1])
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -246,8 +242,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "100")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise ApiError(422, "invalid_request", "limit: expected an integer from 1 to 1000")
-    jobs = [_with_progress(ctx, j) for j in ctx.store.list_jobs(state, int(raw))]
-    return _json({"jobs": jobs})
+    jobs = ctx.store.list_json(state, int(raw), ctx.scheduler.progress_json)
+    return _job_response('{"jobs":[' + ",".join(jobs) + "]}")
 
 
 async def workers(request: web.Request) -> web.Response:

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-
 # `poold serve` flags, by the key each overrides (for messages)
 FLAG_NAMES = {"server.host": "--host", "server.port": "--port", "pool.workers": "--workers",
               "store.path": "--store", "log.level": "--log-level"}

@@ -9,6 +9,7 @@ unknown function goes one at a time, so priorities and cancels stay prompt.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -143,8 +144,8 @@ class Scheduler:
             self.store.after_commit(lambda: self._wake(finished))
         self.kick()
 
-    def _worker_info(self, slot: Slot) -> dict[str, Any]:
-        return {"pid": slot.pid, "name": slot.name}
+    def _worker_info(self, slot: Slot) -> str:
+        return f'{{"pid":{slot.pid},"name":"{slot.name}"}}'
 
     def _started(self, slot: Slot, c: Claimed, t: float) -> None:
         assert self.loop is not None
@@ -158,7 +159,7 @@ class Scheduler:
         r.timer = self.loop.call_later(c.timeout, self._deadline, c.id)
 
     def _write_start(self, r: Running) -> None:
-        self.store.start(r.claimed.id, r.started_at, self._worker_info(r.slot))
+        self.store.start(r.claimed.seq, r.started_at, self._worker_info(r.slot))
         r.written = True
 
     def _done(self, r: Running, kind: str, payload: Any, seconds: float) -> None:
@@ -178,7 +179,7 @@ class Scheduler:
     def _final(self, r: Running, state: str, *, result_json: str | None = None,
                error: dict[str, Any] | None = None) -> None:
         started = None if r.written else (r.started_at, self._worker_info(r.slot))
-        self.store.finish(r.claimed.id, state, result_json=result_json, error=error,
+        self.store.finish(r.claimed.seq, state, result_json=result_json, error=error,
                           progress=r.progress, started=started)
         self.metrics.finished.labels(state).inc()
 
@@ -188,7 +189,7 @@ class Scheduler:
         if c.attempts + 1 <= c.retries:
             if not r.written:
                 self._write_start(r)
-            self.store.retry(c.id, error)
+            self.store.retry(c.seq, error)
             self.metrics.retried.inc()
         else:
             self._final(r, state, error=error)
@@ -291,9 +292,10 @@ class Scheduler:
                 if w.left <= 0:
                     w.event.set()
 
-    def progress_of(self, jid: str) -> dict[str, Any] | None:
+    def progress_json(self, jid: str) -> str | None:
+        """Live progress of a running job as JSON text (None when it reported none)."""
         r = self.running.get(jid)
-        return None if r is None else r.progress
+        return None if r is None or r.progress is None else json.dumps(r.progress)
 
     # -- shutdown
     def idle(self) -> bool:
@@ -308,15 +310,15 @@ class Scheduler:
     def interrupt_all(self) -> None:
         """Ends the book of every running job: retried on the next start if retries are left."""
         err = _error("interrupted", "the daemon stopped while the job ran")
-        for jid, r in list(self.running.items()):
+        for r in list(self.running.values()):
             if r.timer is not None:
                 r.timer.cancel()
             if not r.written:
                 self._write_start(r)
             if r.claimed.attempts + 1 <= r.claimed.retries:
-                self.store.retry(jid, err)
+                self.store.retry(r.claimed.seq, err)
             else:
-                self.store.finish(jid, "failed", error=err, progress=r.progress)
+                self.store.finish(r.claimed.seq, "failed", error=err, progress=r.progress)
         self.running.clear()
         self.dispatched.clear()
 

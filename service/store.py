@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS processes (
 );
 """
 
-_COLUMNS = ("id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
+_COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
             "started_at, finished_at, worker, result, error, progress")
 
 
@@ -83,6 +83,7 @@ class NewJob:
 class Claimed:
     """What a worker needs to run one job."""
 
+    seq: int
     id: str
     fn: str
     args: list[Any]
@@ -92,24 +93,39 @@ class Claimed:
     attempts: int
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def iso(t: float | None) -> str | None:
+    """2026-11-24T12:00:00.000000Z (UTC, microseconds)."""
     if t is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+    sec = int(t)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"
 
 
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+def _t(t: float | None) -> str:
+    return "null" if t is None else f'"{iso(t)}"'
 
 
-def _job(row: tuple[Any, ...]) -> dict[str, Any]:
-    (jid, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created, started,
-     finished, worker, result, error, progress) = row
-    return {"id": jid, "fn": fn, "args": json.loads(args), "kwargs": json.loads(kwargs),
-            "state": state, "priority": priority, "timeout": timeout, "retries": retries,
-            "attempts": attempts, "key": key, "created_at": iso(created), "started_at": iso(started),
-            "finished_at": iso(finished), "worker": _loads(worker), "result": _loads(result),
-            "error": _loads(error), "progress": _loads(progress)}
+def _raw(text: str | None) -> str:
+    return "null" if text is None else text
+
+
+def job_json(row: tuple[Any, ...], progress: str | None = None) -> str:
+    """A Job as JSON text, spliced from the stored JSON columns: nothing is decoded and encoded again.
+
+    `fn` and `id` need no escaping (`fn` passed the module:name check, ids are hex).
+    """
+    (_, jid, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created, started,
+     finished, worker, result, error, prog) = row
+    return (f'{{"id":"{jid}","fn":"{fn}","args":{args},"kwargs":{kwargs},"state":"{state}",'
+            f'"priority":{priority},"timeout":{timeout!r},"retries":{retries},"attempts":{attempts},'
+            f'"key":{"null" if key is None else json.dumps(key)},"created_at":{_t(created)},'
+            f'"started_at":{_t(started)},"finished_at":{_t(finished)},"worker":{_raw(worker)},'
+            f'"result":{_raw(result)},"error":{_raw(error)},"progress":{_raw(progress or prog)}}}')
 
 
 class Store:
@@ -196,74 +212,74 @@ class Store:
             raise StoreError(str(e)) from e
 
     # -- enqueue
-    def by_key(self, key: str) -> dict[str, Any] | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
-        return _job(row) if row else None
+    def by_key(self, key: str) -> tuple[Any, ...] | None:
+        """The kept job with this idempotency key (uncommitted ones included), as a row."""
+        row: tuple[Any, ...] | None = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
+        return row
 
-    def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[dict[str, Any], bool]]:
-        """Inserts jobs (or finds the kept job with the same key); returns (job, created) each."""
-        out: list[tuple[dict[str, Any], bool]] = []
+    def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[str, str, bool]]:
+        """Inserts jobs (or finds the kept job with the same key); (id, Job JSON, created) each."""
+        out: list[tuple[str, str, bool]] = []
         now = time.time()
         self._tx()
         for j in jobs:
             if j.key is not None and (existing := self.by_key(j.key)) is not None:
-                out.append((existing, False))
+                out.append((existing[1], job_json(existing), False))
                 continue
-            jid = uuid.uuid4().hex
+            jid = os.urandom(16).hex()
             args, kwargs = json.dumps(j.args), json.dumps(j.kwargs)
-            self._write("INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries, key,"
-                        " created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                        (jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
+            cur = self._write("INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries,"
+                              " key, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                              (jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
             self.queued += 1
-            out.append(({"id": jid, "fn": j.fn, "args": j.args, "kwargs": j.kwargs, "state": "queued",
-                         "priority": j.priority, "timeout": j.timeout, "retries": j.retries,
-                         "attempts": 0, "key": j.key, "created_at": iso(now), "started_at": None,
-                         "finished_at": None, "worker": None, "result": None, "error": None,
-                         "progress": None}, True))
+            row = (cur.lastrowid, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout, j.retries, 0,
+                   j.key, now, None, None, None, None, None, None)
+            out.append((jid, job_json(row), True))
         return out
 
     # -- the queue
     def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
         """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
         rows = self._db.execute(
-            "SELECT id, fn, args, kwargs, timeout, retries, attempts FROM jobs WHERE state = 'queued'"
+            "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts FROM jobs WHERE state = 'queued'"
             " ORDER BY priority DESC, seq LIMIT ?", (limit + len(skip),)).fetchall()
         out = []
-        for jid, fn, args, kwargs, timeout, retries, attempts in rows:
+        for seq, jid, fn, args, kwargs, timeout, retries, attempts in rows:
             if jid not in skip:
-                out.append(Claimed(jid, fn, json.loads(args), json.loads(kwargs), timeout, retries, attempts))
+                out.append(Claimed(seq, jid, fn, json.loads(args), json.loads(kwargs), timeout, retries,
+                                   attempts))
                 if len(out) == limit:
                     break
         return out
 
-    def start(self, jid: str, started_at: float, worker: dict[str, Any]) -> None:
-        """queued → running, counting the attempt."""
+    def start(self, seq: int, started_at: float, worker: str) -> None:
+        """queued → running, counting the attempt (`worker` is JSON text)."""
         cur = self._write("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1,"
-                          " worker = ?, progress = NULL, error = NULL WHERE id = ? AND state = 'queued'",
-                          (started_at, json.dumps(worker), jid))
+                          " worker = ?, progress = NULL, error = NULL WHERE seq = ? AND state = 'queued'",
+                          (started_at, worker, seq))
         self.queued -= cur.rowcount
 
-    def finish(self, jid: str, state: str, *, result_json: str | None = None,
+    def finish(self, seq: int, state: str, *, result_json: str | None = None,
                error: dict[str, Any] | None = None, progress: dict[str, Any] | None = None,
-               started: tuple[float, dict[str, Any]] | None = None) -> None:
+               started: tuple[float, str] | None = None) -> None:
         """running (or queued, with `started`) → a final state, with result or error, in one statement."""
         now = time.time()
         if started is not None:
             cur = self._write(
                 "UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?,"
-                " started_at = ?, worker = ?, attempts = attempts + 1 WHERE id = ? AND state = 'queued'",
-                (state, result_json, _dumps(error), _dumps(progress), now, started[0],
-                 json.dumps(started[1]), jid))
+                " started_at = ?, worker = ?, attempts = attempts + 1 WHERE seq = ? AND state = 'queued'",
+                (state, result_json, _dumps(error), _dumps(progress), now, started[0], started[1], seq))
             self.queued -= cur.rowcount
             return
         self._write("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?"
-                    " WHERE id = ? AND state = 'running'",
-                    (state, result_json, _dumps(error), _dumps(progress), now, jid))
+                    " WHERE seq = ? AND state = 'running'",
+                    (state, result_json, _dumps(error), _dumps(progress), now, seq))
 
-    def retry(self, jid: str, error: dict[str, Any]) -> None:
+    def retry(self, seq: int, error: dict[str, Any]) -> None:
         """running → queued again (a failed attempt with retries left); the error is kept."""
-        cur = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE id = ? AND state = 'running'",
-                          (json.dumps(error), jid))
+        cur = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE seq = ? AND state = 'running'",
+                          (json.dumps(error), seq))
         self.queued += cur.rowcount
 
     def cancel(self, jid: str) -> str | None:
@@ -296,42 +312,51 @@ class Store:
             return 0
         return self._write("DELETE FROM jobs WHERE finished_at < ?", (time.time() - ttl,)).rowcount
 
-    # -- reads
-    def get(self, jid: str) -> dict[str, Any] | None:
+    # -- reads (committed data only, as Job JSON text)
+    def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
+        """(state, Job JSON) of one job; `progress(id)` may give live progress JSON for a running one."""
         row = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
-        return _job(row) if row else None
+        if row is None:
+            return None
+        return row[5], job_json(row, progress(jid) if progress and row[5] == "running" else None)
 
-    def states(self, ids: list[str]) -> dict[str, str]:
-        """{id: state} for the known ids among `ids` (committed data)."""
-        out: dict[str, str] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            out.update((str(a), str(b)) for a, b in
-                       self._ro.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk))
-        return out
+    def get(self, jid: str) -> dict[str, Any] | None:
+        found = self.get_json(jid)
+        return None if found is None else dict(json.loads(found[1]))
 
-    def get_many(self, ids: list[str]) -> list[dict[str, Any]]:
-        """The known jobs among `ids`, in the order given (committed data)."""
-        found: dict[str, dict[str, Any]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
-                found[row[0]] = _job(row)
-        return [found[i] for i in ids if i in found]
-
-    def state_of(self, jid: str) -> str | None:
-        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+    def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
+        """Jobs newest first, as JSON texts."""
         if state is None:
             rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
         else:
             rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
                                     (state, limit))
-        return [_job(r) for r in rows.fetchall()]
+        return [job_json(r, progress(r[1]) if progress and r[5] == "running" else None) for r in rows]
+
+    def states(self, ids: list[str]) -> dict[str, str]:
+        """{id: state} for the known ids among `ids`."""
+        out: dict[str, str] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._ro.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk)
+            out.update(rows.fetchall())
+        return out
+
+    def finished_json(self, ids: list[str]) -> list[str]:
+        """The finished jobs among `ids`, as JSON texts (in no particular order)."""
+        out: list[str] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            out += [job_json(r) for r in self._ro.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks}) AND state IN {FINAL_STATES!r}", chunk)]
+        return out
+
+    def state_of(self, jid: str) -> str | None:
+        """The state as this process last wrote it (uncommitted included)."""
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
+        return None if row is None else str(row[0])
 
     def counts(self) -> dict[str, int]:
         rows = self._ro.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()

@@ -1,0 +1,164 @@
+"""Every client operation, written once without I/O.
+
+An operation is a generator: it yields the `Request`s it needs and is sent
+back each `Response`; its return value is the method's result. `Client` drives
+these with blocking sockets and `AsyncClient` with aiohttp, so both speak the
+API identically (paths, bodies, long-poll loop, error mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+from urllib.parse import urlencode
+
+from service.client.common import (
+    FINISHED,
+    Deadline,
+    Fn,
+    Job,
+    batch_item,
+    encode,
+    error_from,
+    job_path,
+    job_spec,
+    outcome,
+    wait_param,
+)
+from service.client.errors import PooldError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # relative to the API root, query included
+    body: bytes | None = None
+    wait: float = 0.0  # how long the daemon may hold the answer back (long-poll)
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    data: Any  # the decoded JSON, None when the body was not JSON
+    raw: bytes = b""
+    retry_after: str | None = None
+
+
+Op: TypeAlias = Generator[Request, Response, T]
+
+
+def drive_result(op: Op[T], send: Any) -> T:
+    """Runs an operation to its end with a blocking `send(Request) -> Response`."""
+    try:
+        request = next(op)
+        while True:
+            request = op.send(send(request))
+    except StopIteration as stop:
+        return stop.value
+
+
+def call(request: Request, *ok: int) -> Op[Any]:
+    """One request; its JSON on an expected status, else the PooldError the answer names."""
+    response = yield request
+    if response.status not in ok:
+        raise error_from(response.status, response.data, response.raw, response.retry_after)
+    if response.data is None:
+        raise PooldError(f"unexpected answer to {request.method} {request.path}: "
+                         f"{response.raw[:200]!r}", status=response.status)
+    return response.data
+
+
+def _job(data: Any, request: str) -> Job:
+    if not isinstance(data, dict) or "id" not in data:
+        raise PooldError(f"unexpected answer to {request}: {data!r:.200}")
+    return data
+
+
+def submit(fn: Fn, args: Sequence[Any], kwargs: Mapping[str, Any] | None, *,
+           timeout: float | None, priority: int, retries: int, key: str | None) -> Op[Job]:
+    body = encode(job_spec(fn, args, kwargs, timeout=timeout, priority=priority,
+                           retries=retries, key=key))
+    data = yield from call(Request("POST", "/v1/jobs", body), 200, 201, 202)
+    return _job(data, "POST /v1/jobs")
+
+
+def submit_encoded(specs: Sequence[bytes]) -> Op[list[Job]]:
+    """One batch request of JSON-encoded specs: accepted together or not at all."""
+    if not specs:
+        return []
+    body = b'{"jobs":[' + b",".join(specs) + b"]}"
+    data = yield from call(Request("POST", "/v1/jobs/batch", body), 200, 201, 202)
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(jobs, list) or len(jobs) != len(specs):
+        raise PooldError(f"unexpected answer to POST /v1/jobs/batch: {data!r:.200}")
+    return [_job(j, "POST /v1/jobs/batch") for j in jobs]
+
+
+def submit_many(items: Iterable[Sequence[Any]], *, timeout: float | None, priority: int,
+                retries: int) -> Op[list[Job]]:
+    specs = [job_spec(*batch_item(item), timeout=timeout, priority=priority, retries=retries)
+             for item in items]
+    return (yield from submit_encoded([encode(spec) for spec in specs]))
+
+
+def get(job_id: str, wait: float | None = None) -> Op[Job]:
+    path = job_path(job_id)
+    if wait is not None:
+        path += "?wait=" + wait_param(wait)
+    data = yield from call(Request("GET", path, wait=min(wait or 0.0, 60.0)), 200)
+    return _job(data, f"GET {path}")
+
+
+def wait(job_id: str, timeout: float | None, raise_on_failure: bool) -> Op[Job]:
+    """Long-polls (at most 60 s per request) until the job is finished or `timeout` passes."""
+    deadline = Deadline(timeout)
+    while True:
+        job = yield from get(job_id, wait=deadline.next_poll())
+        if job.get("state") in FINISHED:
+            if raise_on_failure:
+                outcome(job)
+            return job
+        if deadline.expired():
+            raise TimeoutError(f"job {job_id} still {job.get('state')} after waiting {timeout} s")
+
+
+def run(fn: Fn, args: Sequence[Any], kwargs: Mapping[str, Any] | None, *,
+        timeout: float | None, priority: int, retries: int, key: str | None,
+        wait_timeout: float | None) -> Op[Any]:
+    job = yield from submit(fn, args, kwargs, timeout=timeout, priority=priority,
+                            retries=retries, key=key)
+    if job.get("state") not in FINISHED:  # a reused key may name a finished job
+        job = yield from wait(job["id"], wait_timeout, False)
+    return outcome(job)
+
+
+def cancel(job_id: str, queued_only: bool = False) -> Op[Job]:
+    path = job_path(job_id) + ("?queued_only=true" if queued_only else "")
+    data = yield from call(Request("DELETE", path), 200)
+    return _job(data, f"DELETE {path}")
+
+
+def jobs(state: str | None, limit: int) -> Op[list[Job]]:
+    query: dict[str, Any] = {"limit": limit}
+    if state is not None:
+        query["state"] = state
+    data = yield from call(Request("GET", "/v1/jobs?" + urlencode(query)), 200)
+    return list(data.get("jobs", [])) if isinstance(data, dict) else []
+
+
+def workers() -> Op[list[dict[str, Any]]]:
+    data = yield from call(Request("GET", "/v1/workers"), 200)
+    return list(data.get("workers", [])) if isinstance(data, dict) else []
+
+
+def health() -> Op[bool]:
+    """True when the daemon answers 200, False on 503 (unhealthy or draining)."""
+    response = yield Request("GET", "/health")
+    if response.status == 200:
+        return True
+    if response.status == 503:
+        return False
+    raise error_from(response.status, response.data, response.raw, response.retry_after)
