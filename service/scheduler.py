@@ -32,7 +32,7 @@ class Running:
     claimed: Claimed
     slot: Slot
     started_at: float
-    timer: asyncio.TimerHandle | None = None
+    deadline: float  # on the loop's clock
     progress: dict[str, Any] | None = None
     written: bool = False  # its start is in the store
 
@@ -75,6 +75,7 @@ class Scheduler:
         self.cancelled_pending: set[str] = set()
         self.waiters: dict[str, list[_Waiter]] = {}
         self.stats = _Stats()
+        self._timers: dict[Slot, asyncio.TimerHandle] = {}
         self.accepting = True  # False while draining: nothing new starts
         self._kicked = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -106,12 +107,14 @@ class Scheduler:
             return
         # jobs queued in the store and not yet handed to a worker (sizes batches only)
         waiting = self.store.queued - (len(self.dispatched) - len(self.running))
+        queue = self.store.next_queued(_MAX_BATCH * len(free), set(self.dispatched))
+        pos = 0
         for slot in free:
-            head = self.store.next_queued(1, set(self.dispatched))
-            if not head:
+            if pos >= len(queue):
                 break
-            size = min(self.stats.batch_size(head[0].fn), max(1, math.ceil(waiting / len(free))))
-            batch = head if size == 1 else self.store.next_queued(size, set(self.dispatched))
+            size = min(self.stats.batch_size(queue[pos].fn), max(1, math.ceil(waiting / len(free))))
+            batch = queue[pos:pos + size]
+            pos += len(batch)
             for c in batch:
                 self.dispatched[c.id] = slot
             waiting -= len(batch)
@@ -137,6 +140,8 @@ class Scheduler:
                 if r is not None:
                     self._done(r, msg[2], msg[3], msg[4])
                     finished.append(jid)
+                if msg[5] is not None and (c := claimed.get(msg[5])) is not None:
+                    self._started(slot, c, msg[6])
         for r in self.running.values():
             if r.slot is slot and not r.written:
                 self._write_start(r)
@@ -149,14 +154,37 @@ class Scheduler:
 
     def _started(self, slot: Slot, c: Claimed, t: float) -> None:
         assert self.loop is not None
-        r = Running(c, slot, t)
+        r = Running(c, slot, t, self.loop.time() + c.timeout)
         self.running[c.id] = r
         slot.current, slot.current_started = c.id, t
         if c.id in self.cancelled_pending:  # cancelled while it waited in the worker: end it now
             slot.kill_reason[c.id] = "cancel"
             self.pool.kill(slot)
             return
-        r.timer = self.loop.call_later(c.timeout, self._deadline, c.id)
+        self._arm(slot, r.deadline)
+
+    def _arm(self, slot: Slot, when: float) -> None:
+        """One deadline timer per slot, not one per job: short jobs end long before it fires."""
+        timer = self._timers.get(slot)
+        if timer is not None and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        assert self.loop is not None
+        self._timers[slot] = self.loop.call_at(when, self._deadline, slot)
+
+    def _deadline(self, slot: Slot) -> None:
+        self._timers.pop(slot, None)
+        r = self.running.get(slot.current) if slot.current else None
+        if r is None or r.slot is not slot:
+            return
+        assert self.loop is not None
+        if self.loop.time() < r.deadline - 0.001:
+            self._arm(slot, r.deadline)  # the job it was armed for has ended: watch this one
+            return
+        log.info("job %s timed out after %g s: killing worker %d", r.claimed.id, r.claimed.timeout, slot.n)
+        slot.kill_reason[r.claimed.id] = "timeout"
+        self.pool.kill(slot)
 
     def _write_start(self, r: Running) -> None:
         self.store.start(r.claimed.seq, r.started_at, self._worker_info(r.slot))
@@ -164,8 +192,6 @@ class Scheduler:
 
     def _done(self, r: Running, kind: str, payload: Any, seconds: float) -> None:
         c = r.claimed
-        if r.timer is not None:
-            r.timer.cancel()
         self.dispatched.pop(c.id, None)
         r.slot.current = None
         r.slot.tasks_done += 1
@@ -212,8 +238,6 @@ class Scheduler:
             ended.append(c.id)
             self.dispatched.pop(c.id, None)
             self.cancelled_pending.discard(c.id)
-            if r.timer is not None:
-                r.timer.cancel()
             reason = slot.kill_reason.pop(c.id, None)
             if reason == "cancel":
                 continue  # already cancelled in the store
@@ -229,14 +253,6 @@ class Scheduler:
             self._failed(r, "failed", _error("worker_died", f"the worker process (pid {slot.pid}) {how}"))
         if ended:
             self.store.after_commit(lambda: self._wake(ended))
-
-    def _deadline(self, jid: str) -> None:
-        r = self.running.get(jid)
-        if r is None:
-            return
-        log.info("job %s timed out after %g s: killing worker %d", jid, r.claimed.timeout, r.slot.n)
-        r.slot.kill_reason[jid] = "timeout"
-        self.pool.kill(r.slot)
 
     # -- requests from the API
     def cancel(self, jid: str, queued_only: bool) -> str:
@@ -311,8 +327,6 @@ class Scheduler:
         """Ends the book of every running job: retried on the next start if retries are left."""
         err = _error("interrupted", "the daemon stopped while the job ran")
         for r in list(self.running.values()):
-            if r.timer is not None:
-                r.timer.cancel()
             if not r.written:
                 self._write_start(r)
             if r.claimed.attempts + 1 <= r.claimed.retries:

@@ -86,8 +86,8 @@ class Claimed:
     seq: int
     id: str
     fn: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    args: str  # JSON text, decoded by the worker
+    kwargs: str
     timeout: float
     retries: int
     attempts: int
@@ -247,8 +247,7 @@ class Store:
         out = []
         for seq, jid, fn, args, kwargs, timeout, retries, attempts in rows:
             if jid not in skip:
-                out.append(Claimed(seq, jid, fn, json.loads(args), json.loads(kwargs), timeout, retries,
-                                   attempts))
+                out.append(Claimed(seq, jid, fn, args, kwargs, timeout, retries, attempts))
                 if len(out) == limit:
                     break
         return out

@@ -21,8 +21,8 @@ from typing import Any
 from service.progress import channel as _channel
 from service.progress import flush as _flush_progress
 
-# a job's tuple: (id, fn, args, kwargs)
-JobTuple = tuple[str, str, list[Any], dict[str, Any]]
+# a job's tuple: (id, fn, args JSON, kwargs JSON): decoded here, in parallel, not in the daemon
+JobTuple = tuple[str, str, str, str]
 
 _events: Any = None  # multiprocessing Connection: worker -> daemon
 _control: Any = None  # multiprocessing Connection: daemon -> worker (cancelled ids)
@@ -130,7 +130,7 @@ def _run_one(job: JobTuple, max_result_bytes: int) -> tuple[str, Any]:
     """Runs one job; ("ok", result JSON text) or ("error", error dict)."""
     _, fn, args, kwargs = job
     try:
-        result = _resolve(fn)(*args, **kwargs)
+        result = _resolve(fn)(*json.loads(args), **json.loads(kwargs))
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -160,24 +160,35 @@ def _take_cancels() -> None:
 
 
 def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -> int:
-    """Runs jobs in order, reporting each; stops early when over max_memory_mb. Returns jobs run."""
+    """Runs jobs in order, reporting each; stops early when over max_memory_mb. Returns jobs run.
+
+    One message per job: ("start", id, t) for the first, then ("done", id, kind, payload,
+    seconds, next id, next start time) — a job's end and the next one's start travel together.
+    """
     send = _events.send
     done = 0
+    ended: tuple[Any, ...] | None = None
     for job in jobs:
         _take_cancels()
         jid = job[0]
         if jid in _cancelled:
             _cancelled.discard(jid)
             continue
-        send(("start", jid, time.time()))
+        if ended is None:
+            send(("start", jid, time.time()))
+        else:
+            send((*ended, jid, time.time()))
+            ended = None
         _channel.job_id = jid
         t = time.perf_counter()
         try:
             kind, payload = _run_one(job, max_result_bytes)
         finally:
             _channel.job_id = None
-        send(("done", jid, kind, payload, time.perf_counter() - t))
+        ended = ("done", jid, kind, payload, time.perf_counter() - t)
         done += 1
         if max_memory_mb and _rss_mb() > max_memory_mb:
             break
+    if ended is not None:
+        send((*ended, None, 0.0))
     return done
