@@ -111,7 +111,11 @@ async def _serve(cfg: Config) -> int:
         store = Store(cfg.store.path)
     except Exception as e:  # noqa: BLE001 - any failure to open the store is fatal, said plainly
         raise _Fatal(f"cannot open the store {cfg.store.path}: {e}") from None
-    ended = supervisor.end_previous(store.recorded_processes(), cfg.supervisor.kill_grace)
+    recorded = store.recorded_processes()
+    if (other := supervisor.running_daemon(recorded)) is not None:
+        raise _Fatal(f"the store {cfg.store.path} is in use by a running poold (pid {other})")
+    tag = supervisor.tag_instance()
+    ended = supervisor.end_previous(recorded, cfg.supervisor.kill_grace)
     if ended:
         log.warning("ended %d processes left by a previous instance", ended)
     retried, failed = store.recover()
@@ -142,6 +146,11 @@ async def _serve(cfg: Config) -> int:
             await asyncio.gather(watch_task, return_exceptions=True)
     finally:
         await scheduler.pool.stop(ctx.cfg.supervisor.kill_grace)
+        # whatever still carries this instance's tag (leftovers the sweep has not reached); they
+        # may hold the forkserver's pipe, so they go before it
+        await asyncio.to_thread(supervisor.end_tagged, tag, ctx.cfg.supervisor.kill_grace,
+                                scheduler.pool.helper_pids())
+        await scheduler.pool.stop_helpers()
         await store.committed()
         store.close()
     log.info("poold stopped")
@@ -183,7 +192,7 @@ def _reload(ctx: Context) -> None:
     ctx.cfg, ctx.token, ctx.allow = new, token, spec.Allow(new.jobs.allow)
     ctx.scheduler.reconfigure(new)
     log.info("configuration reloaded: %d workers, allow %s", new.pool.size, ", ".join(new.jobs.allow))
-    systemd.notify("READY=1")
+    systemd.notify("READY=1", f"STATUS=configuration reloaded: {new.pool.size} workers")
 
 
 async def _drain(ctx: Context) -> None:

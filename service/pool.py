@@ -35,6 +35,20 @@ EventHandler = Callable[["Slot", list[tuple[Any, ...]]], None]
 BatchEndHandler = Callable[["Slot", list[Claimed], BaseException | None], None]
 
 
+def _stop_helpers() -> None:
+    """Ends multiprocessing's forkserver and resource tracker, so no process outlives the daemon."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (getattr(forkserver, "_forkserver", None),
+                   getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except (OSError, AttributeError):
+                pass
+
+
 class _FrameReader:
     """Reads a worker's event pipe without blocking: every message waiting, in one system call.
 
@@ -104,6 +118,7 @@ class Slot:
     current_started: float = 0.0
     kill_reason: dict[str, str] = field(default_factory=dict)  # job id -> "timeout" | "cancel"
     reader: _FrameReader | None = None
+    killed: str = ""  # why the daemon killed it ("timeout", "cancel", …); "" while it lives
     retiring: bool = False  # replace once its batches end (recycling, resizing)
     generation: int = 0
 
@@ -119,16 +134,18 @@ class Pool:
     """Starts, replaces and kills slots; forwards worker events to the scheduler."""
 
     def __init__(self, cfg: PoolConfig, on_events: EventHandler, on_batch_end: BatchEndHandler,
-                 on_ready: Callable[[Slot], None]) -> None:
+                 on_ready: Callable[[Slot], None], on_restart: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.ctx = multiprocessing.get_context(cfg.start_method)
         if cfg.start_method == "forkserver":
             # workers fork from a server that has already imported what they need: fast and shared
             self.ctx.set_forkserver_preload(["service.worker", "json", "psutil", *cfg.preload])
         self._on_events, self._on_batch_end, self._on_ready = on_events, on_batch_end, on_ready
+        self._on_restart = on_restart
         self._lifeline_r, self._lifeline_w = self.ctx.Pipe(duplex=False)
         self.slots: dict[int, Slot] = {}
         self.restarts = 0
+        self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -150,6 +167,8 @@ class Pool:
                     self._drop(slot)
 
     def _launch(self, slot: Slot) -> None:
+        if self.stopping:
+            return
         self.slots[slot.n] = slot
         task = asyncio.get_running_loop().create_task(self._start_slot(slot))
         self._tasks.add(task)
@@ -196,10 +215,16 @@ class Pool:
     def _read(self, slot: Slot, reader: _FrameReader) -> None:
         try:
             msgs = reader.read()
-        except EOFError:
+        except EOFError:  # the worker is gone
             assert self._loop is not None
             self._loop.remove_reader(reader.fd)
             msgs = reader.messages()
+            if msgs:
+                self._on_events(slot, msgs)
+            if not slot.batches and slot.state == "idle" and self.slots.get(slot.n) is slot \
+                    and not self.stopping:
+                self._broken(slot, None)  # died between jobs: no future will tell
+            return
         if msgs:
             self._on_events(slot, msgs)
 
@@ -232,7 +257,9 @@ class Pool:
         if not slot.batches:
             slot.state = "idle"
         self._on_batch_end(slot, batch, None)
-        if not slot.batches and (slot.retiring or self._due_for_recycling(slot)):
+        if not slot.batches and slot.killed:  # killed (a cancel) just as its batch ended
+            self.replace(slot, slot.killed)
+        elif not slot.batches and (slot.retiring or self._due_for_recycling(slot)):
             self.replace(slot, "recycled")
 
     def _due_for_recycling(self, slot: Slot) -> bool:
@@ -245,12 +272,16 @@ class Pool:
                 return True
         return False
 
-    def _broken(self, slot: Slot, exc: BaseException) -> None:
+    def _broken(self, slot: Slot, exc: BaseException | None) -> None:
         """The worker died: every batch it held ends with the exception, then the slot is rebuilt."""
+        if not slot.killed:
+            how = self.exit_description(slot)
+            hint = " — perhaps out of memory?" if "SIGKILL" in how else ""
+            log.error("worker %d (pid %s) %s%s", slot.n, slot.pid, how, hint)
         batches, slot.batches = slot.batches, []
         for batch in batches:
-            self._on_batch_end(slot, batch, exc)
-        self.replace(slot, "died")
+            self._on_batch_end(slot, batch, exc or RuntimeError("the worker died"))
+        self.replace(slot, slot.killed or "died")
 
     def cancel_pending(self, slot: Slot, job_id: str) -> None:
         """Tells the worker to skip a job it holds but has not started."""
@@ -269,24 +300,25 @@ class Pool:
             code = slot.process.exitcode
         return supervisor.describe_exit(code)
 
-    def kill(self, slot: Slot) -> None:
-        """SIGKILLs the worker and every process it started, at once."""
+    def kill(self, slot: Slot, why: str = "killed") -> None:
+        """SIGKILLs the worker and every process it started, at once (`why` names the cause)."""
+        slot.killed = slot.killed or why
         if slot.pid is not None:
             supervisor.kill_tree(slot.pid, grace=0.0)
 
     def replace(self, slot: Slot, why: str) -> None:
         """Gives the slot a fresh worker (or drops it when it is being retired)."""
-        self.kill(slot)
+        self.kill(slot, why)
         self._close(slot)
-        if why != "recycled":
-            self.restarts += 1
+        self.restarts += 1
+        self._on_restart(why)
         if slot.retiring:
             self.slots.pop(slot.n, None)
             return
         self._launch(Slot(slot.n, generation=slot.generation))
 
     def _drop(self, slot: Slot) -> None:
-        self.kill(slot)
+        self.kill(slot, "retired")
         self._close(slot)
         self.slots.pop(slot.n, None)
 
@@ -307,6 +339,9 @@ class Pool:
 
     async def stop(self, grace: float) -> None:
         """Ends every worker: SIGTERM, then SIGKILL after `grace`, then reap."""
+        self.stopping = True
+        for slot in self.slots.values():
+            slot.killed = slot.killed or "shutdown"
         pids = [s.pid for s in self.slots.values() if s.pid is not None]
         await asyncio.to_thread(supervisor.kill_trees, pids, grace)
         for slot in list(self.slots.values()):
@@ -315,6 +350,10 @@ class Pool:
         for task in list(self._tasks):
             task.cancel()
         self._lifeline_w.close()
+
+    async def stop_helpers(self) -> None:
+        """Ends the forkserver and resource tracker (after every process that holds their pipes)."""
+        await asyncio.to_thread(_stop_helpers)
 
     def processes(self) -> list[int]:
         return [s.pid for s in self.slots.values() if s.pid is not None]

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import supervisor
 from service.config import Config
 from service.metrics import Metrics
 from service.pool import Pool, Slot
@@ -69,7 +70,8 @@ class Scheduler:
         self.cfg = cfg
         self.store = store
         self.metrics = metrics
-        self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick())
+        self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick(),
+                         lambda why: metrics.worker_restarts.labels(why).inc())
         self.dispatched: dict[str, Slot] = {}  # handed to a worker, not ended
         self.running: dict[str, Running] = {}  # started, not ended
         self.cancelled_pending: set[str] = set()
@@ -113,6 +115,8 @@ class Scheduler:
             if pos >= len(queue):
                 break
             size = min(self.stats.batch_size(queue[pos].fn), max(1, math.ceil(waiting / len(free))))
+            if self.cfg.pool.max_tasks_per_worker:  # a batch never runs past the recycling point
+                size = max(1, min(size, self.cfg.pool.max_tasks_per_worker - slot.tasks_done))
             batch = queue[pos:pos + size]
             pos += len(batch)
             for c in batch:
@@ -136,8 +140,9 @@ class Scheduler:
                     cur, total, message = msg[2]
                     r.progress = {"current": cur, "total": total, "message": message}
             elif kind == "done":
-                r = self.running.pop(jid, None)
-                if r is not None:
+                r = self.running.get(jid)
+                if r is not None and r.slot is slot:
+                    del self.running[jid]
                     self._done(r, msg[2], msg[3], msg[4])
                     finished.append(jid)
                 if msg[5] is not None and (c := claimed.get(msg[5])) is not None:
@@ -159,7 +164,7 @@ class Scheduler:
         slot.current, slot.current_started = c.id, t
         if c.id in self.cancelled_pending:  # cancelled while it waited in the worker: end it now
             slot.kill_reason[c.id] = "cancel"
-            self.pool.kill(slot)
+            self.pool.kill(slot, "cancel")
             return
         self._arm(slot, r.deadline)
 
@@ -184,7 +189,7 @@ class Scheduler:
             return
         log.info("job %s timed out after %g s: killing worker %d", r.claimed.id, r.claimed.timeout, slot.n)
         slot.kill_reason[r.claimed.id] = "timeout"
-        self.pool.kill(slot)
+        self._kill_job(r, "timeout")
 
     def _write_start(self, r: Running) -> None:
         self.store.start(r.claimed.seq, r.started_at, self._worker_info(r.slot))
@@ -192,7 +197,8 @@ class Scheduler:
 
     def _done(self, r: Running, kind: str, payload: Any, seconds: float) -> None:
         c = r.claimed
-        self.dispatched.pop(c.id, None)
+        if self.dispatched.get(c.id) is r.slot:
+            del self.dispatched[c.id]
         r.slot.current = None
         r.slot.tasks_done += 1
         self.stats.update(c.fn, seconds)
@@ -222,8 +228,10 @@ class Scheduler:
 
     def _on_batch_end(self, slot: Slot, batch: list[Claimed], exc: BaseException | None) -> None:
         for c in batch:
-            if c.id not in self.running:  # never started (or ended): back to the queue as it is
-                self.dispatched.pop(c.id, None)
+            # never started (or ended) here: back to the queue as it is — unless it was already
+            # handed to another slot (a retry), which owns it now
+            if self.dispatched.get(c.id) is slot and c.id not in self.running:
+                del self.dispatched[c.id]
                 self.cancelled_pending.discard(c.id)
         if exc is not None:
             self._worker_lost(slot, batch)
@@ -232,9 +240,10 @@ class Scheduler:
     def _worker_lost(self, slot: Slot, batch: list[Claimed]) -> None:
         ended = []
         for c in batch:
-            r = self.running.pop(c.id, None)
-            if r is None:
+            r = self.running.get(c.id)
+            if r is None or r.slot is not slot:
                 continue
+            del self.running[c.id]
             ended.append(c.id)
             self.dispatched.pop(c.id, None)
             self.cancelled_pending.discard(c.id)
@@ -242,17 +251,21 @@ class Scheduler:
             if reason == "cancel":
                 continue  # already cancelled in the store
             if reason == "timeout":
-                self.metrics.worker_restarts.labels("timeout").inc()
                 self._failed(r, "timed_out", _error("timeout", f"the job ran longer than its timeout"
                                                     f" ({c.timeout:g} s) and was killed"))
                 continue
             how = self.pool.exit_description(slot)
-            hint = " — perhaps out of memory?" if "SIGKILL" in how else ""
-            log.error("worker %d (pid %s) %s%s", slot.n, slot.pid, how, hint)
-            self.metrics.worker_restarts.labels("died").inc()
             self._failed(r, "failed", _error("worker_died", f"the worker process (pid {slot.pid}) {how}"))
         if ended:
             self.store.after_commit(lambda: self._wake(ended))
+
+    def _kill_job(self, r: Running, why: str) -> None:
+        """SIGKILL at once: the worker's tree, and what the job detached that no other job can own."""
+        self.pool.kill(r.slot, why)
+        others = {jid: o.started_at for jid, o in self.running.items() if o is not r}
+        known = self.pool.helper_pids() | set(self.pool.processes())
+        for p in supervisor.orphans_of(known, r.claimed.id, r.started_at, others):
+            supervisor.kill_tree(p.pid)
 
     # -- requests from the API
     def cancel(self, jid: str, queued_only: bool) -> str:
@@ -263,8 +276,7 @@ class Scheduler:
                 return "already_started"
             self.store.cancel(jid)
             r.slot.kill_reason[jid] = "cancel"
-            self.pool.kill(r.slot)
-            self.metrics.worker_restarts.labels("cancel").inc()
+            self._kill_job(r, "cancel")
         else:
             left = self.store.cancel(jid)
             if left is None:

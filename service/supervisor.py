@@ -103,22 +103,92 @@ def reap_children(skip: set[int] | None = None) -> None:
             pass
 
 
-def find_orphans(known: set[int], idle_workers: list[int]) -> list[psutil.Process]:
-    """Processes that outlived their job: children of the daemon it does not know (re-parented
-    detached grandchildren), and children of idle workers."""
-    found: list[psutil.Process] = []
+_SLACK = 0.05  # create times are kept in clock ticks: allow for their rounding
+
+
+JOB_VAR = "POOLD_JOB_ID"  # set in a worker's environment for each job: exec'd children carry it
+
+
+def job_of(p: psutil.Process) -> str | None:
+    """The job a process was started by, when its environment says so."""
     try:
-        for p in psutil.Process().children():
-            if p.pid not in known:
-                found.append(p)
+        return p.environ().get(JOB_VAR)
     except psutil.Error:
-        pass
-    for pid in idle_workers:
+        return None
+
+
+def _owned(p: psutil.Process, running: dict[str, float], since: float | None) -> bool:
+    """May p belong to a job that still runs? By its job tag when it has one; else by age: a
+    process younger than a running job (`since`: that job's start) may be that job's."""
+    owner = job_of(p)
+    if owner is not None:
+        return owner in running
+    return _young(p, since)
+
+
+def find_leftovers(known: set[int], workers: dict[int, str | None],
+                   running: dict[str, float]) -> list[psutil.Process]:
+    """Processes that outlived their job.
+
+    - children of the daemon it does not know: detached grandchildren that re-parented here,
+      unless they may belong to a job that still runs (`running`: job id -> start time);
+    - children of a worker (`workers`: pid -> the job it runs now, or None) that are not the
+      running job's.
+    """
+    found: list[psutil.Process] = []
+    earliest = min(running.values(), default=None)
+    for p in children(os.getpid()):
+        if p.pid not in known and not _owned(p, running, earliest):
+            found.append(p)
+    for pid, jid in workers.items():
+        mine = {jid: running[jid]} if jid in running else {}
+        found += [p for p in children(pid) if not _owned(p, mine, mine.get(jid or ""))]
+    return [p for p in found if _alive(p)]
+
+
+def orphans_of(known: set[int], jid: str, since: float, others: dict[str, float]) -> list[psutil.Process]:
+    """Detached processes of one job (ending now): by its tag, or else started after it began
+    and too old to belong to any other running job."""
+    out = []
+    earliest = min(others.values(), default=None)
+    for p in children(os.getpid()):
+        if p.pid in known or not _alive(p):
+            continue
+        owner = job_of(p)
+        if owner == jid or (owner is None and _young(p, since) and not _young(p, earliest)):
+            out.append(p)
+    return out
+
+
+def _young(p: psutil.Process, since: float | None) -> bool:
+    """True when p started after `since` (so may belong to the job that started then)."""
+    if since is None:
+        return False
+    try:
+        return p.create_time() + _SLACK >= since
+    except psutil.Error:
+        return False
+
+
+def children(pid: int) -> list[psutil.Process]:
+    """pid's children from /proc/PID/task/*/children (cheap), else through psutil."""
+    pids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                pids += [int(x) for x in f.read().split()]
+    except OSError:
         try:
-            found.extend(psutil.Process(pid).children())
+            return psutil.Process(pid).children()
+        except psutil.Error:
+            return []
+    out = []
+    for c in pids:
+        try:
+            out.append(psutil.Process(c))
         except psutil.Error:
             pass
-    return [p for p in found if _alive(p)]
+    return out
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -135,21 +205,74 @@ def identity(pid: int) -> tuple[int, float] | None:
         return None
 
 
-def end_previous(recorded: list[tuple[int, float, str]], grace: float) -> int:
-    """Ends what a previous instance recorded, if the same processes (pid and create time) live."""
-    procs = []
-    for pid, ctime, role in recorded:
-        if pid == os.getpid():
+INSTANCE_VAR = "POOLD_INSTANCE"  # not an override: "instance" names no section
+
+
+def instance_tag(pid: int, ctime: float) -> str:
+    return f"{pid}-{ctime:.3f}"
+
+
+def tag_instance() -> str:
+    """Marks this daemon's environment, inherited by every process it starts (exec'd or not,
+    detached or not), so that what it leaves behind can be found by that mark alone."""
+    ident = identity(os.getpid())
+    tag = instance_tag(*ident) if ident else f"{os.getpid()}-0"
+    os.environ[INSTANCE_VAR] = tag
+    return tag
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    """Live processes (other than this one) that carry the instance tag."""
+    out = []
+    for p in psutil.process_iter():
+        if p.pid == os.getpid():
             continue
         try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - ctime) < 0.01 and _alive(p):
-                log.warning("ending %s (pid %d) left by a previous instance", role, pid)
-                procs.extend(_tree(pid))
+            if p.environ().get(INSTANCE_VAR) == tag and _alive(p):
+                out.append(p)
         except psutil.Error:
             continue
-    _end(procs, grace)
-    return len(procs)
+    return out
+
+
+def end_tagged(tag: str, grace: float, spare: set[int] | None = None) -> None:
+    """Ends every process carrying the instance tag (with what they started), but `spare`."""
+    procs = [p for p in tagged(tag) if not spare or p.pid not in spare]
+    for p in procs:
+        log.warning("ending leftover process %d at shutdown", p.pid)
+    _end([q for p in procs for q in _tree(p.pid)], grace)
+
+
+def running_daemon(recorded: list[tuple[int, float, str]]) -> int | None:
+    """The pid of a recorded daemon that still runs (the store is in use), else None."""
+    for pid, ctime, role in recorded:
+        if role == "daemon" and pid != os.getpid() and _same(pid, ctime):
+            return pid
+    return None
+
+
+def _same(pid: int, ctime: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - ctime) < 0.01 and _alive(p)
+    except psutil.Error:
+        return False
+
+
+def end_previous(recorded: list[tuple[int, float, str]], grace: float) -> int:
+    """Ends what a previous (dead) instance left: the processes it recorded (same pid and create
+    time) and every process carrying its instance tag (detached grandchildren included)."""
+    procs: list[psutil.Process] = []
+    for pid, ctime, role in recorded:
+        if role == "daemon":
+            procs += tagged(instance_tag(pid, ctime))
+        elif _same(pid, ctime):
+            procs += _tree(pid)
+    unique = list({p.pid: p for p in procs}.values())
+    for p in unique:
+        log.warning("ending process %d left by a previous instance", p.pid)
+    _end(unique, grace)
+    return len(unique)
 
 
 def sweep(procs: list[psutil.Process], grace: float) -> None:

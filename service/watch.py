@@ -52,8 +52,10 @@ class Watch:
         pool = self.ctx.scheduler.pool
         known = pool.helper_pids() | set(pool.processes()) | self._ending
         supervisor.reap_children(skip=set(pool.processes()) | pool.helper_pids())
-        idle = [s.pid for s in pool.slots.values() if s.state == "idle" and s.pid is not None]
-        orphans = [p for p in supervisor.find_orphans(known, idle) if p.pid not in self._ending]
+        sched = self.ctx.scheduler
+        workers = {s.pid: s.current for s in pool.slots.values() if s.pid is not None}
+        running = {jid: r.started_at for jid, r in sched.running.items()}
+        orphans = [p for p in supervisor.find_leftovers(known, workers, running) if p.pid not in self._ending]
         if not orphans:
             return
         pids = {p.pid for p in orphans}

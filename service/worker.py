@@ -28,6 +28,7 @@ _events: Any = None  # multiprocessing Connection: worker -> daemon
 _control: Any = None  # multiprocessing Connection: daemon -> worker (cancelled ids)
 _cancelled: set[str] = set()
 _functions: dict[str, Any] = {}
+_JOB_VAR = "POOLD_JOB_ID"  # service.supervisor.JOB_VAR (not imported: workers stay small)
 
 
 def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str, ...],
@@ -88,12 +89,18 @@ def _watch_daemon(lifeline: Any) -> None:
 
 
 def _kill_descendants() -> None:
+    """Kills what this worker started, and everything else that carries the daemon's instance
+    tag (detached grandchildren of any job, the forkserver, the other workers)."""
     try:
         import psutil
 
-        me = psutil.Process()
-        kids = me.children(recursive=True)
-        for p in reversed(kids):
+        from service import supervisor
+
+        doomed = psutil.Process().children(recursive=True)
+        tag = os.environ.get(supervisor.INSTANCE_VAR)
+        if tag:
+            doomed += supervisor.tagged(tag)
+        for p in reversed(doomed):
             try:
                 p.kill()
             except psutil.Error:
@@ -180,6 +187,7 @@ def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -
             send((*ended, jid, time.time()))
             ended = None
         _channel.job_id = jid
+        os.environ[_JOB_VAR] = jid  # what the job starts carries it: its leftovers can be told apart
         t = time.perf_counter()
         try:
             kind, payload = _run_one(job, max_result_bytes)

@@ -8,7 +8,7 @@ API identically (paths, bodies, long-poll loop, error mapping).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlencode
@@ -50,7 +50,7 @@ class Response:
 Op: TypeAlias = Generator[Request, Response, T]
 
 
-def drive_result(op: Op[T], send: Any) -> T:
+def drive_result(op: Op[T], send: Callable[[Request], Response]) -> T:
     """Runs an operation to its end with a blocking `send(Request) -> Response`."""
     try:
         request = next(op)
@@ -108,7 +108,7 @@ def get(job_id: str, wait: float | None = None) -> Op[Job]:
     path = job_path(job_id)
     if wait is not None:
         path += "?wait=" + wait_param(wait)
-    data = yield from call(Request("GET", path, wait=min(wait or 0.0, 60.0)), 200)
+    data = yield from call(Request("GET", path, wait=min(max(wait or 0.0, 0.0), 60.0)), 200)
     return _job(data, f"GET {path}")
 
 

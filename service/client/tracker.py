@@ -42,8 +42,9 @@ def _retry_submit(e: PooldError) -> bool:
 
 
 def _splittable(e: PooldError, futs: list[JobFuture]) -> bool:
-    """Whether halving a refused batch can pin the refusal on the jobs that caused it."""
-    if e.status not in (400, 403, 413, 422):
+    """Whether halving a refused batch can pin the refusal on the jobs that caused it
+    (or, for 429 queue_full, let parts of it fit into what room the queue has)."""
+    if e.status not in (400, 403, 413, 422, 429):
         return False
     same_fn = len({f.fn for f in futs}) == 1
     return not (same_fn and e.code in ("function_not_allowed", "function_not_found"))
@@ -221,7 +222,8 @@ class Tracker:
             return
         try:
             jobs = self._patiently(
-                lambda: self.client._do(ops.submit_encoded([f._spec for f in futs])), _retry_submit)
+                lambda: self.client._do(ops.submit_encoded([f._spec for f in futs])),
+                lambda e: _retry_submit(e) and not (e.status == 429 and len(futs) > 1))
         except PooldError as e:
             if len(futs) > 1 and _splittable(e, futs):
                 half = len(futs) // 2
