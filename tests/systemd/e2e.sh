@@ -294,6 +294,10 @@ else
 fi
 # The next connection starts poold again (socket activation); the drained job had finished.
 read -r st2 state _ < <(api GET "/v1/jobs/$id" state || true)
+for _ in $(seq 50); do  # answering already; READY=1 follows once a worker runs
+    [ "$(show poold.service ActiveState)" = active ] && break
+    sleep 0.1
+done
 if [ "$state" = succeeded ] && [ "$(show poold.service ActiveState)" = active ]; then
     ok "a connection re-activated poold; the job running at stop finished during the drain: $state"
 else
