@@ -41,6 +41,7 @@ def run(cfg: Config) -> int:
         setproctitle.setproctitle("poold: main")
     except ImportError:  # pragma: no cover - a declared dependency
         pass
+    _warn_loose_token_file(cfg.server.token_file)
     if os.geteuid() == 0:
         log.warning("running as root: jobs run as root too; the shipped systemd/poold.service runs"
                     " poold as an unprivileged user")
@@ -55,6 +56,19 @@ def run(cfg: Config) -> int:
 
 class _Fatal(Exception):
     pass
+
+
+def _warn_loose_token_file(path: str) -> None:
+    """A token others can read is no secret: say so (the daemon still starts)."""
+    if not path:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("server.token_file %s can be read by others (mode %o): chmod 600 it",
+                    path, mode & 0o777)
 
 
 @asynccontextmanager
