@@ -10,15 +10,18 @@ database sits behind these same operations.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from service.sqlite import Database, StoreError
+
+__all__ = ["Claimed", "NewJob", "Store", "StoreError"]
 
 log = logging.getLogger("poold.store")
 
@@ -50,6 +53,7 @@ CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE state =
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 CREATE TABLE IF NOT EXISTS processes (
     pid INTEGER NOT NULL,
     create_time REAL NOT NULL,
@@ -60,10 +64,6 @@ CREATE TABLE IF NOT EXISTS processes (
 
 _COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
             "started_at, finished_at, worker, result, error, progress")
-
-
-class StoreError(Exception):
-    """The database cannot be written (read-only, full, gone)."""
 
 
 @dataclass(frozen=True)
@@ -133,88 +133,55 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        # API reads go through their own connection: they see committed data only, so nobody is
-        # shown a job (or a result) before the commit that holds it.
-        self._ro = sqlite3.connect(path, isolation_level=None, check_same_thread=False) \
-            if path != ":memory:" else self._db
-        self._commit: asyncio.Future[None] | None = None
-        self._after_commit: list[Callable[[], None]] = []
-        self.healthy = True
-        self.last_error = ""
-        self.queued = self._count_queued()
+        self._d = Database(path, _SCHEMA)
+        self._d.on_reset = self._recount
+        self.queued = 0
+        self._recount()
 
-    # -- transactions
-    def _count_queued(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0])
+    def _recount(self) -> None:
+        row = self._d.rw.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+        self.queued = int(row[0])
 
-    def _tx(self) -> None:
-        """Opens the shared transaction if none is open; it commits at the end of this iteration."""
-        if self._commit is not None:
-            return
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            self._failed(e)
-            raise StoreError(str(e)) from e
-        loop = asyncio.get_running_loop()
-        self._commit = loop.create_future()
-        loop.call_soon(self._do_commit)
+    # -- transactions (see service.sqlite)
+    @property
+    def healthy(self) -> bool:
+        return self._d.healthy
 
-    def _do_commit(self) -> None:
-        fut, self._commit = self._commit, None
-        callbacks, self._after_commit = self._after_commit, []
-        assert fut is not None
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as e:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self.queued = self._count_queued()
-            self._failed(e)
-            fut.set_exception(StoreError(str(e)))
-            fut.exception()  # retrieved: the awaiting callers see it
-            return
-        self.healthy, self.last_error = True, ""
-        fut.set_result(None)
-        for cb in callbacks:
-            cb()
-
-    def _failed(self, e: Exception) -> None:
-        if self.healthy:
-            log.error("store %s cannot be written: %s", self.path, e)
-        self.healthy, self.last_error = False, str(e)
+    @property
+    def last_error(self) -> str:
+        return self._d.last_error
 
     async def committed(self) -> None:
         """Returns once everything written so far is committed (raises StoreError if it failed)."""
-        if self._commit is not None:
-            await asyncio.shield(self._commit)
+        await self._d.committed()
 
     def after_commit(self, cb: Callable[[], None]) -> None:
-        """Runs cb once the open transaction commits (at once when none is open)."""
-        if self._commit is None:
-            cb()
-        else:
-            self._after_commit.append(cb)
+        """Runs cb once what was written so far is committed."""
+        self._d.after_commit(cb)
 
-    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
-        self._tx()
-        try:
-            return self._db.execute(sql, tuple(params))
-        except sqlite3.Error as e:
-            self._failed(e)
-            raise StoreError(str(e)) from e
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        cur = self._d.write(sql, params)
+        assert cur is not None
+        return cur
+
+    def _keep(self, sql: str, params: tuple[Any, ...]) -> int:
+        """A write that must not be lost: kept and replayed when the disk refuses it now."""
+        cur = self._d.write(sql, params, keep=True)
+        return 0 if cur is None else cur.rowcount
+
+    def repair(self) -> None:
+        self._d.repair()
+
+    def probe(self) -> bool:
+        return self._d.probe()
+
+    def close(self) -> None:
+        self._d.close()
 
     # -- enqueue
     def by_key(self, key: str) -> tuple[Any, ...] | None:
         """The kept job with this idempotency key (uncommitted ones included), as a row."""
-        row: tuple[Any, ...] | None = self._db.execute(
+        row: tuple[Any, ...] | None = self._d.rw.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
         return row
 
@@ -222,7 +189,6 @@ class Store:
         """Inserts jobs (or finds the kept job with the same key); (id, Job JSON, created) each."""
         out: list[tuple[str, str, bool]] = []
         now = time.time()
-        self._tx()
         for j in jobs:
             if j.key is not None and (existing := self.by_key(j.key)) is not None:
                 out.append((existing[1], job_json(existing), False))
@@ -241,7 +207,7 @@ class Store:
     # -- the queue
     def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
         """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
-        rows = self._db.execute(
+        rows = self._d.rw.execute(
             "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts FROM jobs WHERE state = 'queued'"
             " ORDER BY priority DESC, seq LIMIT ?", (limit + len(skip),)).fetchall()
         out = []
@@ -254,10 +220,10 @@ class Store:
 
     def start(self, seq: int, started_at: float, worker: str) -> None:
         """queued → running, counting the attempt (`worker` is JSON text)."""
-        cur = self._write("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1,"
-                          " worker = ?, progress = NULL, error = NULL WHERE seq = ? AND state = 'queued'",
-                          (started_at, worker, seq))
-        self.queued -= cur.rowcount
+        self.queued -= self._keep(
+            "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1,"
+            " worker = ?, progress = NULL, error = NULL WHERE seq = ? AND state = 'queued'",
+            (started_at, worker, seq))
 
     def finish(self, seq: int, state: str, *, result_json: str | None = None,
                error: dict[str, Any] | None = None, progress: dict[str, Any] | None = None,
@@ -265,28 +231,27 @@ class Store:
         """running (or queued, with `started`) → a final state, with result or error, in one statement."""
         now = time.time()
         if started is not None:
-            cur = self._write(
+            self.queued -= self._keep(
                 "UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?,"
                 " started_at = ?, worker = ?, attempts = attempts + 1 WHERE seq = ? AND state = 'queued'",
                 (state, result_json, _dumps(error), _dumps(progress), now, started[0], started[1], seq))
-            self.queued -= cur.rowcount
             return
-        self._write("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?"
+        self._keep("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?"
                     " WHERE seq = ? AND state = 'running'",
                     (state, result_json, _dumps(error), _dumps(progress), now, seq))
 
     def retry(self, seq: int, error: dict[str, Any]) -> None:
         """running → queued again (a failed attempt with retries left); the error is kept."""
-        cur = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE seq = ? AND state = 'running'",
-                          (json.dumps(error), seq))
-        self.queued += cur.rowcount
+        self.queued += self._keep("UPDATE jobs SET state = 'queued', error = ? WHERE seq = ?"
+                                  " AND state = 'running'", (json.dumps(error), seq))
 
     def cancel(self, jid: str) -> str | None:
         """queued or running → cancelled; returns the state it left (None if not found or final)."""
-        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
+        row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         if row is None or row[0] not in ("queued", "running"):
             return None
-        self._write("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (time.time(), jid))
+        self._keep("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ? AND state IN"
+                   " ('queued', 'running')", (time.time(), jid))
         if row[0] == "queued":
             self.queued -= 1
         return str(row[0])
@@ -295,7 +260,6 @@ class Store:
         """At start: running jobs of a previous instance are retried, or failed as interrupted."""
         err = json.dumps({"type": "interrupted", "message": "the daemon stopped while the job ran",
                           "exception": None, "traceback": None})
-        self._tx()
         retried = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE state = 'running'"
                               " AND attempts <= retries", (err,)).rowcount
         failed = self._write("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?"
@@ -305,7 +269,7 @@ class Store:
 
     def expire(self, ttl: float) -> int:
         """Deletes finished jobs older than ttl seconds."""
-        row = self._db.execute("SELECT 1 FROM jobs WHERE finished_at < ? LIMIT 1",
+        row = self._d.rw.execute("SELECT 1 FROM jobs WHERE finished_at < ? LIMIT 1",
                                (time.time() - ttl,)).fetchone()
         if row is None:
             return 0
@@ -314,7 +278,7 @@ class Store:
     # -- reads (committed data only, as Job JSON text)
     def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
         """(state, Job JSON) of one job; `progress(id)` may give live progress JSON for a running one."""
-        row = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
+        row = self._d.ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
         if row is None:
             return None
         return row[5], job_json(row, progress(jid) if progress and row[5] == "running" else None)
@@ -326,10 +290,10 @@ class Store:
     def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
         """Jobs newest first, as JSON texts."""
         if state is None:
-            rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+            rows = self._d.ro.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
         else:
-            rows = self._ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
-                                    (state, limit))
+            rows = self._d.ro.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
         return [job_json(r, progress(r[1]) if progress and r[5] == "running" else None) for r in rows]
 
     def states(self, ids: list[str]) -> dict[str, str]:
@@ -338,7 +302,7 @@ class Store:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._ro.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk)
+            rows = self._d.ro.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk)
             out.update(rows.fetchall())
         return out
 
@@ -348,17 +312,17 @@ class Store:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
-            out += [job_json(r) for r in self._ro.execute(
+            out += [job_json(r) for r in self._d.ro.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks}) AND state IN {FINAL_STATES!r}", chunk)]
         return out
 
     def state_of(self, jid: str) -> str | None:
         """The state as this process last wrote it (uncommitted included)."""
-        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
+        row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         return None if row is None else str(row[0])
 
     def counts(self) -> dict[str, int]:
-        rows = self._ro.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        rows = self._d.ro.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {s: 0 for s in STATES} | {str(s): int(n) for s, n in rows}
 
     # -- process records (a previous instance's leftovers)
@@ -369,26 +333,7 @@ class Store:
 
     def recorded_processes(self) -> list[tuple[int, float, str]]:
         return [(int(p), float(c), str(r)) for p, c, r in
-                self._db.execute("SELECT pid, create_time, role FROM processes").fetchall()]
-
-    def probe(self) -> bool:
-        """A cheap write check for health: can the database be written right now?"""
-        if self._commit is not None:
-            return self.healthy
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error as e:
-            self._failed(e)
-            return False
-        return self.healthy
-
-    def close(self) -> None:
-        if self._commit is not None:
-            self._do_commit()
-        if self._ro is not self._db:
-            self._ro.close()
-        self._db.close()
+                self._d.rw.execute("SELECT pid, create_time, role FROM processes").fetchall()]
 
 
 def _dumps(v: Any) -> str | None:

@@ -41,6 +41,7 @@ class Watch:
             await asyncio.sleep(interval)
             self._loop_lag = max(0.0, time.monotonic() - t - interval)
             try:
+                self.ctx.store.repair()
                 self._sweep_orphans(tg_tasks)
                 self._expire()
                 self._record_processes()

@@ -137,7 +137,13 @@ def kill_all(procs: dict[str, psutil.Process | None]) -> None:
 
 
 def worker_processes(d: Daemon) -> dict[str, psutil.Process | None]:
-    ws = wait_for(lambda: (ws := d.live_workers()) and len(ws) == len(d.workers()) and ws, 15)
+    """The daemon's workers, once every listed one is alive and past its start."""
+    def ready() -> list[dict[str, Any]] | None:
+        listed, live = d.workers(), d.live_workers()
+        return live if listed and len(live) == len(listed) and all(
+            w["state"] != "starting" for w in live) else None
+
+    ws = wait_for(ready, 15)
     assert ws, d.workers()
     return {w["name"]: proc(w["pid"]) for w in ws}
 

@@ -116,6 +116,12 @@ class AsyncClient:
         """The finished Job, long-polling; TimeoutError once `timeout` seconds have passed."""
         return await self._do(ops.wait(job_id, timeout, raise_on_failure))
 
+    async def wait_many(self, job_ids: Iterable[str], timeout: float | None = None,
+                        raise_on_failure: bool = False) -> list[Job]:
+        """The finished Jobs, in order, long-polling all of them at once (POST /v1/jobs/wait);
+        TimeoutError once `timeout` seconds have passed, PooldError 404 for an unknown id."""
+        return await self._do(ops.wait_many(job_ids, timeout, raise_on_failure))
+
     async def submit_many(self, items: Iterable[Sequence[Any]], *, timeout: float | None = None,
                           priority: int = 0, retries: int = 0) -> list[Job]:
         """Submits `(fn, args, kwargs)` items in one batch request; the Jobs in order."""

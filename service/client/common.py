@@ -127,10 +127,13 @@ def batch_item(item: Sequence[Any]) -> tuple[Fn, Sequence[Any], Mapping[str, Any
     return fn, args, kwargs
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # made once: dumps() would per call
+
+
 def encode(body: Any) -> bytes:
     """JSON for the wire; arguments must be JSON values (no pickles ever cross the network)."""
     try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        return _ENCODER.encode(body).encode()
     except (TypeError, ValueError) as e:
         raise TypeError(f"job arguments must be JSON values: {e}") from e
 

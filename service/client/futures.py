@@ -13,7 +13,11 @@ if TYPE_CHECKING:
 
 
 class JobFuture(concurrent.futures.Future[Any]):
-    """The Future of one poold job; `cancel()` also cancels the job while it is queued."""
+    """The Future of one poold job; `cancel()` also cancels the job while it is queued.
+
+    The bookkeeping fields are guarded by the tracker's lock (one lock for all
+    futures, none of their own: an executor makes thousands of them).
+    """
 
     def __init__(self, tracker: Tracker, fn: str, spec: bytes) -> None:
         super().__init__()
@@ -22,9 +26,8 @@ class JobFuture(concurrent.futures.Future[Any]):
         self.job: Job | None = None  # the Job as last seen
         self._tracker = tracker
         self._spec = spec
-        self._claimed = False  # one thread owns the transition to done (under tracker lock)
-        self._sending = False
-        self._sent = threading.Event()  # the submission has been answered (or dropped)
+        self._claimed = False  # one thread owns the transition to done
+        self._sending = False  # in a batch request that has not been answered yet
 
     def cancel(self) -> bool:
         return self._tracker.cancel(self)

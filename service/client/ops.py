@@ -8,6 +8,7 @@ API identically (paths, bodies, long-poll loop, error mapping).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -15,6 +16,7 @@ from urllib.parse import urlencode
 
 from service.client.common import (
     FINISHED,
+    MAX_WAIT,
     Deadline,
     Fn,
     Job,
@@ -29,6 +31,9 @@ from service.client.common import (
 from service.client.errors import PooldError
 
 T = TypeVar("T")
+
+# Job ids per POST /v1/jobs/wait: about 350 kB of body, well under the daemon's default 1 MiB.
+WAIT_IDS = 10000
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,55 @@ def run(fn: Fn, args: Sequence[Any], kwargs: Mapping[str, Any] | None, *,
     if job.get("state") not in FINISHED:  # a reused key may name a finished job
         job = yield from wait(job["id"], wait_timeout, False)
     return outcome(job)
+
+
+def wait_jobs(job_ids: Sequence[str], timeout: float, need_all: bool = False) -> Op[list[Job]]:
+    """One POST /v1/jobs/wait: the finished Jobs among `job_ids` (in no particular order), once
+    one of them (or, with `need_all`, each of them) has finished or after `timeout` seconds.
+
+    The daemon leaves unknown ids out; one request watches thousands of jobs.
+    """
+    seconds = round(min(MAX_WAIT, max(0.0, timeout)), 3)
+    body = encode({"ids": list(job_ids), "timeout": seconds, "all": need_all})
+    data = yield from call(Request("POST", "/v1/jobs/wait", body, wait=seconds), 200)
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(jobs, list):
+        raise PooldError(f"unexpected answer to POST /v1/jobs/wait: {data!r:.200}")
+    return [_job(j, "POST /v1/jobs/wait") for j in jobs]
+
+
+def wait_many(job_ids: Iterable[str], timeout: float | None, raise_on_failure: bool) -> Op[list[Job]]:
+    """Long-polls until every job has finished; their Jobs in the order of `job_ids`.
+
+    TimeoutError once `timeout` seconds have passed; PooldError 404 for an unknown id.
+    """
+    order = [str(i) for i in job_ids]
+    deadline = Deadline(timeout)
+    found: dict[str, Job] = {}
+    left = list(dict.fromkeys(order))
+    while left:
+        chunk = left[:WAIT_IDS]
+        started = time.monotonic()
+        poll = deadline.next_poll()
+        for job in (yield from wait_jobs(chunk, poll, need_all=True)):
+            found[job["id"]] = job
+        left = [i for i in left if i not in found]
+        missing = [i for i in chunk if i not in found]
+        early = time.monotonic() - started < poll / 2  # answered before the poll's end: an id is unknown
+        if missing and (early or deadline.expired()):
+            for job_id in missing if early else missing[:1]:
+                job = yield from get(job_id)  # PooldError 404 for an unknown id
+                if job.get("state") in FINISHED:
+                    found[job_id] = job
+            left = [i for i in left if i not in found]
+        if left and deadline.expired():
+            raise TimeoutError(f"{len(left)} of {len(found) + len(left)} jobs still unfinished after "
+                               f"waiting {timeout} s (first: {left[0]})")
+    jobs = [found[i] for i in order]
+    if raise_on_failure:
+        for job in jobs:
+            outcome(job)
+    return jobs
 
 
 def cancel(job_id: str, queued_only: bool = False) -> Op[Job]:

@@ -1,12 +1,11 @@
-"""The Executor's engine: one thread submits, one thread watches, for any number of futures.
+"""The Executor's engine: one thread submits, two threads watch, for any number of futures.
 
 Submitting: futures queue up and the submit thread sends them as batch
-requests (consecutive `submit()` calls share one). Watching: rather than a
-request per future, the watch thread long-polls the oldest unfinished job; when
-it answers (finished, or after a short wait) it sweeps the other jobs in
-submission order, skipping those the daemon lists as running and stopping at
-the first one that has not started yet, since the daemon runs an executor's
-jobs in that order. A finished job costs one GET, an idle round two or three.
+requests (consecutive `submit()` calls share one). Watching (`watch.py`):
+`POST /v1/jobs/wait` long-polls every job in flight at once and answers with
+those that finished, so results arrive in bulk, a handful of requests for
+thousands of jobs. This module keeps the books both sides share: the jobs in
+flight, and settling each future exactly once.
 """
 
 from __future__ import annotations
@@ -15,22 +14,22 @@ import concurrent.futures
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeAlias, TypeVar
 
 from service.client import ops
 from service.client.common import FINISHED, Job, outcome
 from service.client.errors import PooldError, PooldUnavailable
 from service.client.futures import JobFuture, Permits
 from service.client.sync import Client
+from service.client.watch import Watcher
 
 T = TypeVar("T")
 _Base = concurrent.futures.Future
+Outcome: TypeAlias = tuple[JobFuture, Job | None, BaseException | None]  # a future, its Job or error
 
 COALESCE_JOBS = 500  # consecutive submit() calls sent as one batch, at most this many jobs
 COALESCE_BYTES = 256 * 1024  # ... and about this many bytes (the daemon's default limit is 1 MiB)
-MIN_STEP, MAX_STEP = 0.2, 5.0  # seconds a watch round may long-poll; grows while nothing happens
-RUNNING_LIST = 1000  # GET /v1/jobs?state=running&limit=...: complete unless this many run
 
 
 def _retry_submit(e: PooldError) -> bool:
@@ -50,78 +49,100 @@ def _splittable(e: PooldError, futs: list[JobFuture]) -> bool:
     return not (same_fn and e.code in ("function_not_allowed", "function_not_found"))
 
 
+def _resolve(f: JobFuture, job: Job | None, error: BaseException | None) -> None:
+    """Completes a claimed future (user callbacks run here, outside any lock)."""
+    if error is not None:
+        f.set_exception(error)
+    elif job is not None and job.get("state") == "cancelled":
+        if _Base.cancel(f):
+            f.set_running_or_notify_cancel()
+        else:  # it had been seen running: result() must still raise CancelledError
+            f.set_exception(concurrent.futures.CancelledError(f"job {f.job_id} was cancelled"))
+    else:
+        try:
+            value = outcome(job or {})
+        except (PooldError, ValueError) as e:  # JobFailed, or a Job that is not finished
+            f.set_exception(e)
+        else:
+            f.set_result(value)
+
+
 class Tracker:
-    """Submits, watches and settles an Executor's futures (thread-safe)."""
+    """Submits, watches and settles an Executor's futures (thread-safe).
+
+    `lock` guards the books (`outstanding`, `unstarted`, each future's flags);
+    `changed` is notified whenever they change.
+    """
 
     def __init__(self, client: Client, max_pending: int, patience: float) -> None:
         self.client = client
         self.permits = Permits(max_pending)
-        self._patience = patience
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self.patience = patience
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self._queue: deque[tuple[list[JobFuture], bool]] = deque()
         self._sending: list[JobFuture] = []
-        self._outstanding: dict[str, JobFuture] = {}  # by job id, in submission order
-        self._fresh = False  # jobs were added since the watcher last looked
-        self._stopping = False
+        self.outstanding: dict[str, JobFuture] = {}  # accepted, not settled; by job id, in order
+        self.unstarted: dict[str, JobFuture] = {}  # ... and not yet seen running
+        self.stopping = False
+        self.watcher = Watcher(self)
         self._threads = [threading.Thread(target=self._submit_loop, name="poold-executor-submit",
-                                          daemon=True),
-                         threading.Thread(target=self._watch_loop, name="poold-executor-watch",
-                                          daemon=True)]
+                                          daemon=True), *self.watcher.threads]
         for t in self._threads:
             t.start()
 
     # -- callers' side
     def add(self, fn: str, specs: list[bytes], coalesce: bool) -> list[JobFuture]:
         """Queues jobs for submission, first waiting until `max_pending` allows them."""
-        if self._stopping:
+        if self.stopping:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if len(specs) > self.permits.limit:
             raise ValueError(f"{len(specs)} jobs at once exceed max_pending={self.permits.limit}")
         self.permits.acquire(len(specs))
         futs = [JobFuture(self, fn, spec) for spec in specs]
-        with self._lock:
-            if self._stopping:
+        with self.lock:
+            if self.stopping:
                 self.permits.release(len(specs))
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queue.append((futs, coalesce))
-            self._changed.notify_all()
+            self.changed.notify_all()
         return futs
 
     def cancel(self, f: JobFuture) -> bool:
-        with self._lock:
+        with self.lock:
             claimed = f._claimed
             unsent = not claimed and f.job_id is None and not f._sending
             f._claimed = f._claimed or unsent
         if unsent:  # still in our queue: the submit thread skips claimed futures
             self.permits.release()
-            f._sent.set()
             _Base.cancel(f)
             f.set_running_or_notify_cancel()
             return True
         if not claimed:
             if f.running():
                 return False  # as the stdlib: a started call cannot be cancelled
-            f._sent.wait()
+            with self.lock:  # until the daemon has answered its batch request
+                self.changed.wait_for(lambda: f._claimed or f.job_id is not None)
             if f.running():
                 return False
             if f.job_id is not None:
                 try:
-                    self._observe(f, self.client.cancel(f.job_id, queued_only=True))
+                    self.observe(f, self.client.cancel(f.job_id, queued_only=True))
                 except PooldError as e:  # started, finished, gone or unreachable: not cancelled
                     if e.code == "already_started":
-                        self._mark_running(f)
+                        with self.lock:
+                            self.mark_running([(f, None)])
                     return False
         concurrent.futures.wait([f], timeout=5.0)  # another thread may be finishing it
         return f.cancelled()
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
-        with self._lock:
-            self._stopping = True
-            self._changed.notify_all()
+        with self.lock:
+            self.stopping = True
+            self.changed.notify_all()
             victims = [f for futs, _ in self._queue for f in futs] if cancel_futures else []
             if cancel_futures:
-                victims += [*self._sending, *self._outstanding.values()]
+                victims += [*self._sending, *self.outstanding.values()]
         for f in victims:
             if not f.running():
                 f.cancel()
@@ -130,50 +151,70 @@ class Tracker:
                 t.join()
             self.client.close()
 
-    # -- bookkeeping shared by the threads
-    def _settle(self, f: JobFuture, job: Job | None = None, error: BaseException | None = None) -> bool:
-        """Moves a future to done exactly once; user callbacks run outside the lock."""
-        with self._lock:
+    def idle(self) -> bool:
+        """Shut down and nothing left to send or watch (call with the lock held)."""
+        return self.stopping and not self._queue and not self._sending and not self.outstanding
+
+    # -- settling, shared by the threads
+    def claim(self, items: Iterable[Outcome]) -> list[Outcome]:
+        """The outcomes whose futures this call moves to done (call with the lock held)."""
+        won = []
+        for item in items:
+            f = item[0]
             if f._claimed:
-                return False
+                continue
             f._claimed = True
             if f.job_id is not None:
-                self._outstanding.pop(f.job_id, None)
-            self._changed.notify_all()
-        self.permits.release()
-        f._sent.set()
-        if error is not None:
-            f.set_exception(error)
-        elif job is not None and job.get("state") == "cancelled":
-            if _Base.cancel(f):
-                f.set_running_or_notify_cancel()
-            else:  # it had been seen running: result() must still raise CancelledError
-                f.set_exception(concurrent.futures.CancelledError(f"job {f.job_id} was cancelled"))
-        else:
-            try:
-                value = outcome(job or {})
-            except (PooldError, ValueError) as e:  # JobFailed, or a Job that is not finished
-                f.set_exception(e)
-            else:
-                f.set_result(value)
-        return True
+                self.outstanding.pop(f.job_id, None)
+                self.unstarted.pop(f.job_id, None)
+            won.append(item)
+        if won:
+            self.changed.notify_all()
+        return won
 
-    def _mark_running(self, f: JobFuture) -> None:
-        with self._lock:
-            if not f._claimed and not f.running():
-                f.set_running_or_notify_cancel()
+    def resolve(self, won: list[Outcome]) -> None:
+        """Completes what `claim` won (without the lock: user callbacks run here)."""
+        if not won:
+            return
+        self.permits.release(len(won))
+        for f, job, error in won:
+            if job is not None:
+                f.job = job
+            _resolve(f, job, error)
 
-    def _observe(self, f: JobFuture, job: Job) -> int:
+    def settle(self, items: Iterable[Outcome]) -> int:
+        """Moves futures to done, each exactly once; how many this call finished."""
+        with self.lock:
+            won = self.claim(items)
+        self.resolve(won)
+        return len(won)
+
+    def mark_running(self, seen: Iterable[tuple[JobFuture, Job | None]]) -> int:
+        """Futures whose jobs were seen running (call with the lock held); how many were new."""
+        n = 0
+        for f, job in seen:
+            if f.job_id is not None:
+                self.unstarted.pop(f.job_id, None)
+            if f._claimed or f.done() or f.running():
+                continue
+            if job is not None:
+                f.job = job
+            f.set_running_or_notify_cancel()
+            n += 1
+        return n
+
+    def observe(self, f: JobFuture, job: Job) -> int:
         """Takes note of a Job as fetched; 1 when that finished the future."""
-        f.job = job
         state = job.get("state")
         if state in FINISHED:
-            return int(self._settle(f, job=job))
+            return self.settle([(f, job, None)])
+        f.job = job
         if state == "running":
-            self._mark_running(f)
+            with self.lock:
+                self.mark_running([(f, job)])
         return 0
 
-    def _patiently(self, action: Callable[[], T], retry: Callable[[PooldError], bool]) -> T:
+    def patiently(self, action: Callable[[], T], retry: Callable[[PooldError], bool]) -> T:
         """Runs action, retrying what `retry` allows for up to `patience` seconds."""
         first: float | None = None
         delay = 0.2
@@ -183,18 +224,19 @@ class Tracker:
             except PooldError as e:
                 now = time.monotonic()
                 first = now if first is None else first
-                if not retry(e) or now - first >= self._patience:
+                if not retry(e) or now - first >= self.patience:
                     raise
-                time.sleep(max(0.05, min(e.retry_after or delay, self._patience - (now - first))))
+                time.sleep(max(0.05, min(e.retry_after or delay, self.patience - (now - first))))
                 delay = min(delay * 2, 5.0)
 
     # -- the submit thread
     def _submit_loop(self) -> None:
         while True:
-            with self._lock:
-                while not self._queue and not self._stopping:
-                    self._changed.wait()
+            with self.lock:
+                while not self._queue and not self.stopping:
+                    self.changed.wait()
                 if not self._queue:
+                    self.changed.notify_all()  # the watchers may be waiting for this
                     return
                 futs, coalesce = self._queue.popleft()
                 batch = [f for f in futs if not f._claimed]
@@ -210,18 +252,17 @@ class Tracker:
             try:
                 self._send(batch)
             except Exception as e:  # noqa: BLE001 - a bug here must fail the futures, not hang them
-                for f in batch:
-                    self._settle(f, error=e)
+                self.settle((f, None, e) for f in batch)
             finally:
-                with self._lock:
+                with self.lock:
                     self._sending = []
-                    self._changed.notify_all()
+                    self.changed.notify_all()
 
     def _send(self, futs: list[JobFuture]) -> None:
         if not futs:
             return
         try:
-            jobs = self._patiently(
+            jobs = self.patiently(
                 lambda: self.client._do(ops.submit_encoded([f._spec for f in futs])),
                 lambda e: _retry_submit(e) and not (e.status == 429 and len(futs) > 1))
         except PooldError as e:
@@ -230,69 +271,24 @@ class Tracker:
                 self._send(futs[:half])
                 self._send(futs[half:])
                 return
-            for f in futs:
-                self._settle(f, error=e)
+            self.settle((f, None, e) for f in futs)
             return
-        with self._lock:
+        done: list[Outcome] = []
+        with self.lock:
             for f, job in zip(futs, jobs, strict=True):
-                f.job_id, f.job, f._sending = job["id"], job, False
-                self._outstanding[job["id"]] = f
-            self._fresh = True
-            self._changed.notify_all()
-        for f in futs:
-            f._sent.set()
-
-    # -- the watch thread
-    def _watch_loop(self) -> None:
-        step = MIN_STEP
-        while True:
-            with self._lock:
-                while not self._outstanding and not (self._stopping and not self._queue
-                                                     and not self._sending):
-                    self._changed.wait()
-                if not self._outstanding:
-                    break
-                order = list(self._outstanding.values())
-                if self._fresh:
-                    step, self._fresh = MIN_STEP, False
-            try:
-                done = self._patiently(lambda o=order, s=step: self._round(o, s),  # type: ignore[misc]
-                                       lambda e: isinstance(e, PooldUnavailable))
-            except Exception as e:  # noqa: BLE001 - unreachable for `patience` seconds (or a bug):
-                for f in order:  # fail these futures rather than leave their callers hanging
-                    self._settle(f, error=e)
-                continue
-            step = MIN_STEP if done else min(MAX_STEP, step * 2)
-        self.client.close()
-
-    def _fetch(self, f: JobFuture, wait: float | None = None) -> Job | None:
-        """The job now (or after a long-poll); None when the daemon refused (future failed)."""
-        assert f.job_id is not None
-        try:
-            return self.client.get(f.job_id, wait=wait)
-        except PooldUnavailable:
-            raise
-        except PooldError as e:  # 404: expired or lost with an in-memory store
-            self._settle(f, error=e)
-            return None
-
-    def _round(self, order: list[JobFuture], step: float) -> int:
-        """One long-poll of the oldest job and a sweep of the others; how many finished."""
-        target, rest = order[0], [f for f in order[1:] if not f.done()]
-        job = self._fetch(target, wait=step) if not target.done() else None
-        done = 1 if job is None else self._observe(target, job)
-        if job is not None and job.get("state") == "queued" and not job.get("attempts"):
-            return done  # the oldest has not started: neither have the others
-        running: dict[str, Job] | None = None
-        if len(rest) > 1:
-            listed = self.client.jobs(state="running", limit=RUNNING_LIST)
-            running = {j["id"]: j for j in listed} if len(listed) < RUNNING_LIST else None
-        for f in rest:
-            if f.job_id in (running or {}):
-                self._observe(f, (running or {})[f.job_id or ""])
-                continue
-            job = self._fetch(f)
-            done += 1 if job is None else self._observe(f, job)
-            if job is not None and job.get("state") == "queued" and not job.get("attempts"):
-                break
-        return done
+                jid = job["id"]
+                f.job_id, f.job, f._sending = jid, job, False
+                state = job.get("state")
+                if f._claimed:
+                    continue
+                if state in FINISHED:
+                    done.append((f, job, None))
+                    continue
+                self.outstanding[jid] = f
+                self.unstarted[jid] = f
+                if state == "running":
+                    self.mark_running([(f, job)])
+            self.watcher.sent()
+            won = self.claim(done)
+            self.changed.notify_all()
+        self.resolve(won)
