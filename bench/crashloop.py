@@ -219,6 +219,12 @@ class Book:
             self.unexpected.append(f"answer for {tag} names fn {job.get('fn')!r}")
 
 
+def _spin(rng: random.Random) -> float:
+    """Mostly instant jobs (the queue drains), some long enough that a kill finds them running."""
+    r = rng.random()
+    return 0.0 if r < 0.9 else 0.005 if r < 0.98 else 0.1
+
+
 def _submitter(n: int, ctl: Controller, book: Book, stop: threading.Event, seed: int, record: str,
                must: int, run_id: str) -> None:
     rng = random.Random(seed * 1000 + n)
@@ -229,7 +235,7 @@ def _submitter(n: int, ctl: Controller, book: Book, stop: threading.Event, seed:
         nonlocal seq
         seq += 1
         tag = f"{run_id}-{n}-{seq}"
-        s: dict[str, Any] = {"fn": FN, "args": [record, tag, rng.choice((0.0, 0.0, 0.0, 0.002, 0.05, 0.2))]}
+        s: dict[str, Any] = {"fn": FN, "args": [record, tag, _spin(rng)]}
         if retried:
             s["retries"] = must
         if keyed:
@@ -320,6 +326,8 @@ class Result:
     states: collections.Counter[str] = field(default_factory=collections.Counter)
     executions: int = 0
     reruns: int = 0  # jobs executed more than once (interrupted attempts): allowed
+    over_retries: list[str] = field(default_factory=list)  # executed more than 1 + retries times
+    orphan_executions: int = 0  # executions that started just after their daemon was SIGKILLed
     unknown_executions: int = 0  # executions of specs no answer named (ambiguous submissions)
     ambiguous: int = 0
     requests: int = 0
@@ -365,6 +373,7 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
     must = restarts + 2  # retries a job needs to outlive every kill (each kill costs at most one attempt)
     run_id = uuid.uuid4().hex[:8]
     rng = random.Random(seed)
+    kills: list[float] = []
     t0 = time.monotonic()
     threads = [threading.Thread(target=_submitter, name=f"submitter-{n}", daemon=True,
                                 args=(n, ctl, book, stop_submit, seed, record, must, run_id))
@@ -376,6 +385,7 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
     try:
         for i in range(restarts):
             time.sleep(rng.uniform(*up))
+            kills.append(time.time())
             ctl.kill()
             t = time.monotonic()
             ctl.start()
@@ -399,7 +409,8 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
         final.update(found or {})
         if len(final) == len(ids):
             break
-        time.sleep(0.2)
+        say(f"settling: {len(final)}/{len(ids)} jobs final")
+        time.sleep(1.0)
     stop_poll.set()
     poller.join(30)
     res.settle_seconds = time.monotonic() - t1
@@ -424,6 +435,9 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
             if len(parts) == 4:
                 execs[parts[3]].append(float(parts[1]))
     res.executions = sum(len(v) for v in execs.values())
+    # no new daemon runs a job this soon after the kill (it is still importing): such an execution
+    # is a worker of the killed daemon still going
+    res.orphan_executions = sum(1 for v in execs.values() for s in v if any(k <= s < k + 0.25 for k in kills))
     res.unknown_executions = sum(len(v) for tag, v in execs.items() if tag not in book.by_tag)
 
     res.accepted, res.keys = len(ids), len(book.by_key)
@@ -442,6 +456,9 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
             res.changed_after_final.append(f"{jid}: {first[:2]} then {job['state']} {job['finished_at']}")
         starts = execs.get(j.tag, [])
         res.reruns += len(starts) > 1
+        if len(starts) > 1 + j.retries:
+            res.over_retries.append(f"{jid}: retries {j.retries}, executed {len(starts)} times,"
+                                    f" attempts {job['attempts']}, {job['state']}")
         if job["state"] == "succeeded":
             done = epoch(job["finished_at"])
             seen = first[2] if first is not None and first[0] == "succeeded" and first[2] else float("inf")
@@ -475,6 +492,8 @@ def report(res: Result) -> str:
         f"final states:                     {dict(res.states)}",
         f"executions:                       {res.executions} ({res.reruns} jobs ran more than once,"
         f" {res.unknown_executions} of unanswered submissions)",
+        f"executed more than 1 + retries times: {len(res.over_retries)} {res.over_retries[:3]}",
+        f"executions by a killed daemon's worker (within 0.25 s of the kill): {res.orphan_executions}",
         f"integrity_check:                  {res.integrity}",
         f"time: load {res.load_seconds:.1f} s, settle {res.settle_seconds:.1f} s, total {res.total_seconds:.1f} s;"
         f" restart (kill -> healthy) median {rs[len(rs) // 2]:.2f} s, max {rs[-1]:.2f} s",

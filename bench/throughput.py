@@ -68,17 +68,21 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trips", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds, interleaved; the best of each side counts (a shared, noisy machine)")
     ap.add_argument("--quick", action="store_true", help="fewer jobs and round trips")
     a = ap.parse_args()
     if a.quick:
-        a.jobs, a.trips = 2000, 300
+        a.jobs, a.trips, a.repeat = 2000, 300, 1
     with daemon(a.workers) as (port, proc):
         time.sleep(0.5)
         mem = uss_mib(proc.pid)
-        ppe = bare_ppe(a.jobs, a.workers)
-        ours = poold_batch(port, a.jobs)
+        ppe = ours = float("inf")
+        for _ in range(a.repeat):
+            ppe = min(ppe, bare_ppe(a.jobs, a.workers))
+            ours = min(ours, poold_batch(port, a.jobs))
         trips = sorted(round_trips(port, a.trips))
-    print(f"no-op jobs: {a.jobs}, workers: {a.workers}")
+    print(f"no-op jobs: {a.jobs}, workers: {a.workers}, best of {a.repeat} interleaved rounds")
     print(f"  bare ProcessPoolExecutor (submit one by one): {ppe:.3f} s  {a.jobs / ppe:,.0f} jobs/s")
     print(f"  poold (HTTP batch → all results, durable)   : {ours:.3f} s"
           f"  {a.jobs / ours:,.0f} jobs/s")

@@ -119,6 +119,8 @@ class Slot:
     kill_reason: dict[str, str] = field(default_factory=dict)  # job id -> "timeout" | "cancel"
     reader: _FrameReader | None = None
     killed: str = ""  # why the daemon killed it ("timeout", "cancel", …); "" while it lives
+    dying: bool = False  # its death is being handled
+    exit: str = "died"  # how it ended ("was sent SIGKILL", "exited with code 3")
     retiring: bool = False  # replace once its batches end (recycling, resizing)
     generation: int = 0
 
@@ -170,9 +172,7 @@ class Pool:
         if self.stopping:
             return
         self.slots[slot.n] = slot
-        task = asyncio.get_running_loop().create_task(self._start_slot(slot))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._start_slot(slot))
 
     async def _start_slot(self, slot: Slot) -> None:
         slot.state, slot.pid, slot.tasks_done, slot.current = "starting", None, 0, None
@@ -273,11 +273,36 @@ class Pool:
         return False
 
     def _broken(self, slot: Slot, exc: BaseException | None) -> None:
-        """The worker died: every batch it held ends with the exception, then the slot is rebuilt."""
-        if not slot.killed:
-            how = self.exit_description(slot)
-            hint = " — perhaps out of memory?" if "SIGKILL" in how else ""
-            log.error("worker %d (pid %s) %s%s", slot.n, slot.pid, how, hint)
+        """The worker died: its batches end with the exception, then the slot is rebuilt.
+
+        A death we did not order waits (briefly, off the loop's back) for the executor's own
+        thread to collect the exit status: reading it twice would lose it."""
+        if slot.dying:
+            return
+        slot.dying = True
+        if slot.killed:
+            self._end_broken(slot, exc)
+            return
+
+        async def later() -> None:
+            popen = getattr(slot.process, "_popen", None)
+            for _ in range(200):
+                if popen is None or popen.returncode is not None:
+                    break
+                await asyncio.sleep(0.005)
+            slot.exit = self.exit_description(slot)
+            hint = " — perhaps out of memory?" if "SIGKILL" in slot.exit else ""
+            log.error("worker %d (pid %s) %s%s", slot.n, slot.pid, slot.exit, hint)
+            self._end_broken(slot, exc)
+
+        self._spawn(later())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _end_broken(self, slot: Slot, exc: BaseException | None) -> None:
         batches, slot.batches = slot.batches, []
         for batch in batches:
             self._on_batch_end(slot, batch, exc or RuntimeError("the worker died"))

@@ -72,7 +72,8 @@ class Scheduler:
         self.metrics = metrics
         self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick(),
                          lambda why: metrics.worker_restarts.labels(why).inc())
-        self.dispatched: dict[str, Slot] = {}  # handed to a worker, not ended
+        # handed to a worker (in this batch of that slot), not ended
+        self.dispatched: dict[str, tuple[Slot, list[Claimed]]] = {}
         self.running: dict[str, Running] = {}  # started, not ended
         self.cancelled_pending: set[str] = set()
         self.waiters: dict[str, list[_Waiter]] = {}
@@ -103,8 +104,7 @@ class Scheduler:
         self._kicked = False
         if not self.accepting:
             return
-        free = [s for s in self.pool.slots.values()
-                if s.state == "idle" and not s.batches and not s.retiring and s.executor is not None]
+        free = [s for s in self.pool.slots.values() if self._can_take(s)]
         if not free:
             return
         # jobs queued in the store and not yet handed to a worker (sizes batches only)
@@ -116,13 +116,26 @@ class Scheduler:
                 break
             size = min(self.stats.batch_size(queue[pos].fn), max(1, math.ceil(waiting / len(free))))
             if self.cfg.pool.max_tasks_per_worker:  # a batch never runs past the recycling point
-                size = max(1, min(size, self.cfg.pool.max_tasks_per_worker - slot.tasks_done))
+                held = sum(len(b) for b in slot.batches)
+                size = min(size, self.cfg.pool.max_tasks_per_worker - slot.tasks_done - held)
+                if size <= 0:
+                    continue
             batch = queue[pos:pos + size]
             pos += len(batch)
             for c in batch:
-                self.dispatched[c.id] = slot
+                self.dispatched[c.id] = (slot, batch)
             waiting -= len(batch)
             self.pool.submit(slot, batch, self.cfg.jobs.max_result_bytes)
+
+    def _can_take(self, s: Slot) -> bool:
+        """An idle slot takes a batch; a busy one takes a second when the batch it runs is of
+        short jobs (it ends in milliseconds), so the worker never waits for the daemon."""
+        if s.retiring or s.killed or s.dying or s.executor is None:
+            return False
+        if s.state == "idle" and not s.batches:
+            return True
+        return (s.state == "busy" and len(s.batches) == 1
+                and self.stats.batch_size(s.batches[0][-1].fn) > 1)
 
     # -- worker reports
     def _on_events(self, slot: Slot, msgs: list[tuple[Any, ...]]) -> None:
@@ -197,7 +210,7 @@ class Scheduler:
 
     def _done(self, r: Running, kind: str, payload: Any, seconds: float) -> None:
         c = r.claimed
-        if self.dispatched.get(c.id) is r.slot:
+        if (entry := self.dispatched.get(c.id)) is not None and entry[0] is r.slot:
             del self.dispatched[c.id]
         r.slot.current = None
         r.slot.tasks_done += 1
@@ -210,9 +223,8 @@ class Scheduler:
 
     def _final(self, r: Running, state: str, *, result_json: str | None = None,
                error: dict[str, Any] | None = None) -> None:
-        started = None if r.written else (r.started_at, self._worker_info(r.slot))
-        self.store.finish(r.claimed.seq, state, result_json=result_json, error=error,
-                          progress=r.progress, started=started)
+        self.store.finish(r.claimed, state, r.started_at, self._worker_info(r.slot), r.written,
+                          result_json=result_json, error=error, progress=r.progress)
         self.metrics.finished.labels(state).inc()
 
     def _failed(self, r: Running, state: str, error: dict[str, Any]) -> None:
@@ -230,7 +242,8 @@ class Scheduler:
         for c in batch:
             # never started (or ended) here: back to the queue as it is — unless it was already
             # handed to another slot (a retry), which owns it now
-            if self.dispatched.get(c.id) is slot and c.id not in self.running:
+            entry = self.dispatched.get(c.id)
+            if entry is not None and entry[1] is batch and c.id not in self.running:
                 del self.dispatched[c.id]
                 self.cancelled_pending.discard(c.id)
         if exc is not None:
@@ -254,8 +267,8 @@ class Scheduler:
                 self._failed(r, "timed_out", _error("timeout", f"the job ran longer than its timeout"
                                                     f" ({c.timeout:g} s) and was killed"))
                 continue
-            how = self.pool.exit_description(slot)
-            self._failed(r, "failed", _error("worker_died", f"the worker process (pid {slot.pid}) {how}"))
+            self._failed(r, "failed",
+                         _error("worker_died", f"the worker process (pid {slot.pid}) {slot.exit}"))
         if ended:
             self.store.after_commit(lambda: self._wake(ended))
 
@@ -271,6 +284,8 @@ class Scheduler:
     def cancel(self, jid: str, queued_only: bool) -> str:
         """Cancels a job; returns "cancelled", "not_found", "already_finished" or "already_started"."""
         r = self.running.get(jid)
+        if r is not None and r.slot.kill_reason.get(jid) == "cancel":
+            return "already_finished"  # cancelled a moment ago; its worker is still going down
         if r is not None:
             if queued_only:
                 return "already_started"
@@ -281,10 +296,10 @@ class Scheduler:
             left = self.store.cancel(jid)
             if left is None:
                 return "not_found" if self.store.state_of(jid) is None else "already_finished"
-            slot = self.dispatched.get(jid)
-            if slot is not None:  # waiting inside a worker's batch: tell it to skip the job
+            entry = self.dispatched.get(jid)
+            if entry is not None:  # waiting inside a worker's batch: tell it to skip the job
                 self.cancelled_pending.add(jid)
-                self.pool.cancel_pending(slot, jid)
+                self.pool.cancel_pending(entry[0], jid)
         self.metrics.finished.labels("cancelled").inc()
         self.store.after_commit(lambda: self._wake([jid]))
         return "cancelled"
@@ -331,7 +346,7 @@ class Scheduler:
 
     def hold_back(self) -> None:
         """Draining: workers skip the jobs they hold but have not started (they stay queued)."""
-        for jid, slot in self.dispatched.items():
+        for jid, (slot, _) in self.dispatched.items():
             if jid not in self.running:
                 self.pool.cancel_pending(slot, jid)
 
@@ -344,7 +359,8 @@ class Scheduler:
             if r.claimed.attempts + 1 <= r.claimed.retries:
                 self.store.retry(r.claimed.seq, err)
             else:
-                self.store.finish(r.claimed.seq, "failed", error=err, progress=r.progress)
+                self.store.finish(r.claimed, "failed", r.started_at, self._worker_info(r.slot), True,
+                                  error=err, progress=r.progress)
         self.running.clear()
         self.dispatched.clear()
 

@@ -50,11 +50,11 @@ class Allow:
     def __init__(self, patterns: tuple[str, ...]) -> None:
         self.exact = {p for p in patterns if not p.endswith(":*")}
         self.modules = {p[:-2] for p in patterns if p.endswith(":*")}
-        self._ok: set[str] = set()
+        self.ok: set[str] = set()  # admitted and found already
 
     def check(self, fn: str) -> None:
         """Raises 403 when fn is not allowed, 422 when it cannot be found."""
-        if fn in self._ok:
+        if fn in self.ok:
             return
         mod, _, name = fn.partition(":")
         exact = fn in self.exact
@@ -67,7 +67,7 @@ class Allow:
                            f"fn: {fn!r} is not a function defined in {mod} (jobs.allow admits those only)")
         if not callable(obj):
             raise ApiError(422, "function_not_found", f"fn: {fn!r} is not callable")
-        self._ok.add(fn)
+        self.ok.add(fn)
 
     @staticmethod
     def _resolve(fn: str, mod: str, name: str) -> Any:
@@ -97,16 +97,18 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     """A validated NewJob from one JobSpec, or ApiError naming the field."""
     if not isinstance(spec, dict):
         raise _invalid("a job spec must be a JSON object")
-    unknown = sorted(set(spec) - _FIELDS)
-    if unknown:
+    if not _FIELDS.issuperset(spec):
+        unknown = sorted(set(spec) - _FIELDS)
         raise _invalid(f"{unknown[0]}: unknown field (fields: {', '.join(sorted(_FIELDS))})")
     fn = spec.get("fn")
     if fn is None:
         raise _invalid("fn: required")
     if not isinstance(fn, str):
         raise _invalid("fn: expected a string 'module:name'")
-    if len(fn) > 500 or not _FN.match(fn):
-        raise _invalid("fn: expected 'module:name' (a Python module path, a colon, a function name)")
+    if fn not in allow.ok:  # not seen (and admitted) before: check it fully
+        if len(fn) > 500 or not _FN.match(fn):
+            raise _invalid("fn: expected 'module:name' (a Python module path, a colon, a function name)")
+        allow.check(fn)
     args = spec.get("args", [])
     if args is None:
         args = []
@@ -132,6 +134,5 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     key = spec.get("key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
         raise _invalid("key: expected a string of 1 to 200 characters or null")
-    allow.check(fn)
     return NewJob(fn=fn, args=args, kwargs=kwargs, timeout=float(timeout), priority=priority,
                   retries=retries, key=key)

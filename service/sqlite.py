@@ -35,6 +35,7 @@ class Database:
         self.on_reset: Callable[[], None] = lambda: None  # after a rollback: recount derived state
         self._commit: asyncio.Future[None] | None = None
         self._after: list[Callable[[], None]] = []
+        self._before: list[Callable[[], None]] = []
         self._kept: list[tuple[str, tuple[Any, ...]]] = []  # keep=True writes in the open transaction
         self._backlog: list[tuple[str, tuple[Any, ...]]] = []
         self._backlog_after: list[Callable[[], None]] = []
@@ -90,9 +91,46 @@ class Database:
             self._kept.append((sql, params))
         return cur
 
+    def write_many(self, sql: str, rows: list[tuple[Any, ...]], keep: bool = False) -> int:
+        """One statement over many rows (one call into SQLite); the rows it changed. A failure
+        raises StoreError, or, with `keep`, keeps the rows for later (0 is returned)."""
+        try:
+            self.begin()
+            cur = self.rw.executemany(sql, rows)
+        except (sqlite3.Error, StoreError) as e:
+            if self._commit is not None:
+                self._abort(e)
+            if keep:
+                self._backlog += [(sql, r) for r in rows]
+                return 0
+            raise e if isinstance(e, StoreError) else StoreError(str(e)) from e
+        if keep:
+            self._kept += [(sql, r) for r in rows]
+        return cur.rowcount
+
+    def before_commit(self, cb: Callable[[], None]) -> None:
+        """Runs cb (once) just before the next commit: writes gathered until then go in with it."""
+        self._before.append(cb)
+        if self._commit is None:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._run_before)
+
+    def _run_before(self) -> None:
+        """Gathered writes with no transaction open yet: run them now (they open one)."""
+        if self._commit is None:
+            callbacks, self._before = self._before, []
+            for cb in callbacks:
+                cb()
+
     def _do_commit(self, fut: asyncio.Future[None]) -> None:
         if fut is not self._commit:
             return  # aborted already
+        while self._before:
+            callbacks, self._before = self._before, []
+            for cb in callbacks:
+                cb()
+            if fut is not self._commit:
+                return  # a gathered write failed and aborted the transaction
         try:
             self.rw.execute("COMMIT")
         except sqlite3.Error as e:
@@ -149,13 +187,17 @@ class Database:
 
     async def committed(self) -> None:
         """Returns once everything written so far is committed (raises StoreError if it failed)."""
+        if self._before:
+            self._run_before()
         if self._commit is not None:
             await asyncio.shield(self._commit)
         elif self._backlog:
             raise StoreError(self.last_error or "the store cannot be written")
 
     def after_commit(self, cb: Callable[[], None]) -> None:
-        """Runs cb once what was written so far is committed."""
+        """Runs cb once what was written so far (gathered writes included) is committed."""
+        if self._before:
+            self._run_before()
         if self._commit is not None:
             self._after.append(cb)
         elif self._backlog:
@@ -221,6 +263,7 @@ class Database:
         return True
 
     def close(self) -> None:
+        self._run_before()
         if self._commit is not None:
             self._do_commit(self._commit)
         if self.ro is not self.rw:

@@ -16,8 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.sqlite import Database, StoreError
 
@@ -62,12 +61,13 @@ CREATE TABLE IF NOT EXISTS processes (
 );
 """
 
+_RECENT = 20000  # finished jobs whose JSON is kept in memory for fast reads
+
 _COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
             "started_at, finished_at, worker, result, error, progress")
 
 
-@dataclass(frozen=True)
-class NewJob:
+class NewJob(NamedTuple):
     """A validated JobSpec, ready to enqueue."""
 
     fn: str
@@ -79,8 +79,7 @@ class NewJob:
     key: str | None = None
 
 
-@dataclass(frozen=True)
-class Claimed:
+class Claimed(NamedTuple):
     """What a worker needs to run one job."""
 
     seq: int
@@ -91,6 +90,9 @@ class Claimed:
     timeout: float
     retries: int
     attempts: int
+    priority: int
+    key: str | None
+    created_at: float
 
 
 _second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
@@ -137,6 +139,10 @@ class Store:
         self._d.on_reset = self._recount
         self.queued = 0
         self._recount()
+        self._finished: list[tuple[Any, ...]] = []  # job ends not written yet (see finish)
+        self._finished_started: list[tuple[Any, ...]] = []
+        self._fresh: list[tuple[str, str, float, str]] = []
+        self._recent: dict[str, tuple[str, float, str]] = {}  # id -> (state, finished_at, Job JSON)
 
     def _recount(self) -> None:
         row = self._d.rw.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
@@ -181,6 +187,7 @@ class Store:
     # -- enqueue
     def by_key(self, key: str) -> tuple[Any, ...] | None:
         """The kept job with this idempotency key (uncommitted ones included), as a row."""
+        self._flush()
         row: tuple[Any, ...] | None = self._d.rw.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
         return row
@@ -188,65 +195,108 @@ class Store:
     def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[str, str, bool]]:
         """Inserts jobs (or finds the kept job with the same key); (id, Job JSON, created) each."""
         out: list[tuple[str, str, bool]] = []
+        rows = []
+        by_key: dict[str, int] = {}  # keys seen in this call: the first one wins
         now = time.time()
         for j in jobs:
-            if j.key is not None and (existing := self.by_key(j.key)) is not None:
-                out.append((existing[1], job_json(existing), False))
-                continue
+            if j.key is not None:
+                if j.key in by_key:
+                    jid, text, _ = out[by_key[j.key]]
+                    out.append((jid, text, False))
+                    continue
+                if (existing := self.by_key(j.key)) is not None:
+                    out.append((existing[1], job_json(existing), False))
+                    continue
+                by_key[j.key] = len(out)
             jid = os.urandom(16).hex()
-            args, kwargs = json.dumps(j.args), json.dumps(j.kwargs)
-            cur = self._write("INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries,"
-                              " key, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                              (jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
-            self.queued += 1
-            row = (cur.lastrowid, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout, j.retries, 0,
-                   j.key, now, None, None, None, None, None, None)
-            out.append((jid, job_json(row), True))
+            args = json.dumps(j.args) if j.args else "[]"
+            kwargs = json.dumps(j.kwargs) if j.kwargs else "{}"
+            rows.append((jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
+            out.append((jid, job_json((0, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout,
+                                       j.retries, 0, j.key, now, None, None, None, None, None, None)), True))
+        if rows:
+            self._d.write_many("INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries,"
+                               " key, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)", rows)
+            self.queued += len(rows)
         return out
 
     # -- the queue
     def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
         """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
         rows = self._d.rw.execute(
-            "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts FROM jobs WHERE state = 'queued'"
-            " ORDER BY priority DESC, seq LIMIT ?", (limit + len(skip),)).fetchall()
+            "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts, priority, key, created_at"
+            " FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
+            (limit + len(skip),)).fetchall()
         out = []
-        for seq, jid, fn, args, kwargs, timeout, retries, attempts in rows:
-            if jid not in skip:
-                out.append(Claimed(seq, jid, fn, args, kwargs, timeout, retries, attempts))
+        for row in rows:
+            if row[1] not in skip:
+                out.append(Claimed(*row))
                 if len(out) == limit:
                     break
         return out
 
     def start(self, seq: int, started_at: float, worker: str) -> None:
         """queued → running, counting the attempt (`worker` is JSON text)."""
+        self._flush()
         self.queued -= self._keep(
             "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1,"
             " worker = ?, progress = NULL, error = NULL WHERE seq = ? AND state = 'queued'",
             (started_at, worker, seq))
 
-    def finish(self, seq: int, state: str, *, result_json: str | None = None,
-               error: dict[str, Any] | None = None, progress: dict[str, Any] | None = None,
-               started: tuple[float, str] | None = None) -> None:
-        """running (or queued, with `started`) → a final state, with result or error, in one statement."""
+    def finish(self, c: Claimed, state: str, started_at: float, worker: str, start_written: bool, *,
+               result_json: str | None = None, error: dict[str, Any] | None = None,
+               progress: dict[str, Any] | None = None) -> None:
+        """running (or still queued in the store, when its start is not written) → a final state.
+
+        The writes are gathered and run as one statement per kind just before anything else
+        touches the store; the finished Job's JSON is kept in memory once committed, so fresh
+        results are read without SQL.
+        """
         now = time.time()
-        if started is not None:
-            self.queued -= self._keep(
+        err, prog = _dumps(error), _dumps(progress)
+        if start_written:
+            self._finished.append((state, result_json, err, prog, now, c.seq))
+        else:
+            self._finished_started.append((state, result_json, err, prog, now, started_at, worker, c.seq))
+        text = job_json((c.seq, c.id, c.fn, c.args, c.kwargs, state, c.priority, c.timeout, c.retries,
+                         c.attempts + 1, c.key, c.created_at, started_at, now, worker, result_json, err,
+                         prog))
+        self._fresh.append((c.id, state, now, text))
+        if len(self._finished) + len(self._finished_started) == 1:
+            self._d.before_commit(self._flush)
+
+    def _flush(self) -> None:
+        """Writes the gathered job ends (see finish); their JSON is cached once they commit."""
+        if self._finished_started:
+            rows, self._finished_started = self._finished_started, []
+            self.queued -= self._d.write_many(
                 "UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?,"
                 " started_at = ?, worker = ?, attempts = attempts + 1 WHERE seq = ? AND state = 'queued'",
-                (state, result_json, _dumps(error), _dumps(progress), now, started[0], started[1], seq))
-            return
-        self._keep("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?"
-                    " WHERE seq = ? AND state = 'running'",
-                    (state, result_json, _dumps(error), _dumps(progress), now, seq))
+                rows, keep=True)
+        if self._finished:
+            rows, self._finished = self._finished, []
+            self._d.write_many("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?,"
+                               " finished_at = ? WHERE seq = ? AND state = 'running'", rows, keep=True)
+        if self._fresh:
+            fresh, self._fresh = self._fresh, []
+            self._d.after_commit(lambda: self._remember(fresh))
+
+    def _remember(self, fresh: list[tuple[str, str, float, str]]) -> None:
+        recent = self._recent
+        for jid, state, t, text in fresh:
+            recent[jid] = (state, t, text)
+        while len(recent) > _RECENT:
+            del recent[next(iter(recent))]
 
     def retry(self, seq: int, error: dict[str, Any]) -> None:
         """running → queued again (a failed attempt with retries left); the error is kept."""
+        self._flush()
         self.queued += self._keep("UPDATE jobs SET state = 'queued', error = ? WHERE seq = ?"
                                   " AND state = 'running'", (json.dumps(error), seq))
 
     def cancel(self, jid: str) -> str | None:
         """queued or running → cancelled; returns the state it left (None if not found or final)."""
+        self._flush()
         row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         if row is None or row[0] not in ("queued", "running"):
             return None
@@ -269,15 +319,20 @@ class Store:
 
     def expire(self, ttl: float) -> int:
         """Deletes finished jobs older than ttl seconds."""
-        row = self._d.rw.execute("SELECT 1 FROM jobs WHERE finished_at < ? LIMIT 1",
-                               (time.time() - ttl,)).fetchone()
+        self._flush()
+        cutoff = time.time() - ttl
+        for jid in [j for j, (_, t, _) in self._recent.items() if t < cutoff]:
+            del self._recent[jid]
+        row = self._d.rw.execute("SELECT 1 FROM jobs WHERE finished_at < ? LIMIT 1", (cutoff,)).fetchone()
         if row is None:
             return 0
-        return self._write("DELETE FROM jobs WHERE finished_at < ?", (time.time() - ttl,)).rowcount
+        return self._write("DELETE FROM jobs WHERE finished_at < ?", (cutoff,)).rowcount
 
     # -- reads (committed data only, as Job JSON text)
     def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
         """(state, Job JSON) of one job; `progress(id)` may give live progress JSON for a running one."""
+        if (hit := self._recent.get(jid)) is not None:
+            return hit[0], hit[2]
         row = self._d.ro.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
         if row is None:
             return None
@@ -298,7 +353,9 @@ class Store:
 
     def states(self, ids: list[str]) -> dict[str, str]:
         """{id: state} for the known ids among `ids`."""
-        out: dict[str, str] = {}
+        recent = self._recent
+        out: dict[str, str] = {i: recent[i][0] for i in ids if i in recent}
+        ids = [i for i in ids if i not in out]
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
@@ -308,7 +365,9 @@ class Store:
 
     def finished_json(self, ids: list[str]) -> list[str]:
         """The finished jobs among `ids`, as JSON texts (in no particular order)."""
-        out: list[str] = []
+        recent = self._recent
+        out: list[str] = [recent[i][2] for i in ids if i in recent]
+        ids = [i for i in ids if i not in recent]
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
@@ -318,6 +377,7 @@ class Store:
 
     def state_of(self, jid: str) -> str | None:
         """The state as this process last wrote it (uncommitted included)."""
+        self._flush()
         row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         return None if row is None else str(row[0])
 

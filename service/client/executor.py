@@ -52,13 +52,10 @@ class Executor(concurrent.futures.Executor):
         self._tracker = Tracker(self.client, max_pending, unavailable_timeout)
         _live.add(self._tracker)
 
-    def _spec(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        return encode(job_spec(name, args, kwargs, **self._options))
-
     def submit(self, fn: Fn, /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedules fn(*args, **kwargs) as one job; fn is a module-level function or "module:name"."""
         name = fn_name(fn)
-        return self._tracker.add(name, [self._spec(name, args, kwargs)], coalesce=True)[0]
+        return self._tracker.add(name, [_Specs(name, self._options)(args, kwargs)], coalesce=True)[0]
 
     def map(self, fn: Fn, *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -71,11 +68,12 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
         name = fn_name(fn)
+        spec = _Specs(name, self._options)
         size = min(chunksize, self.max_pending)
         items = zip(*iterables)  # noqa: B905 -- stops at the shortest, as the stdlib's map
         futures: list[JobFuture] = []
         while chunk := list(itertools.islice(items, size)):
-            specs = [self._spec(name, args, {}) for args in chunk]
+            specs = [spec(args) for args in chunk]
             # chunksize=1 (the default) lets the executor merge items into bigger batches
             futures += self._tracker.add(name, specs, coalesce=chunksize == 1)
         return _results(futures, end)
@@ -83,6 +81,22 @@ class Executor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As the stdlib's: no new jobs; optionally cancel queued ones; optionally wait for the rest."""
         self._tracker.shutdown(wait, cancel_futures)
+
+
+class _Specs:
+    """JobSpecs of one function and options: the constant parts encoded once, not per call."""
+
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
+        self._head = encode({"fn": name})[:-1] + b',"args":'
+        rest = job_spec(name, **options)
+        del rest["fn"], rest["args"]
+        self._tail = b"," + encode(rest)[1:] if rest else b"}"
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> bytes:
+        """The spec of fn(*args, **kwargs); TypeError when they are not JSON values."""
+        if kwargs:
+            return self._head + encode(args) + b',"kwargs":' + encode(kwargs) + self._tail
+        return self._head + encode(args) + self._tail
 
 
 def _results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:

@@ -140,14 +140,22 @@ def run(fn: Fn, args: Sequence[Any], kwargs: Mapping[str, Any] | None, *,
     return outcome(job)
 
 
-def wait_jobs(job_ids: Sequence[str], timeout: float, need_all: bool = False) -> Op[list[Job]]:
+def wait_jobs(job_ids: Sequence[str], timeout: float, need_all: bool = False, *,
+              plain_ids: bool = False) -> Op[list[Job]]:
     """One POST /v1/jobs/wait: the finished Jobs among `job_ids` (in no particular order), once
     one of them (or, with `need_all`, each of them) has finished or after `timeout` seconds.
 
-    The daemon leaves unknown ids out; one request watches thousands of jobs.
+    The daemon leaves unknown ids out; one request watches thousands of jobs. `plain_ids`
+    vouches that every id is alphanumeric (as the daemon makes them): they are then joined
+    into the body as they are, a dozen times faster than JSON-encoding them.
     """
     seconds = round(min(MAX_WAIT, max(0.0, timeout)), 3)
-    body = encode({"ids": list(job_ids), "timeout": seconds, "all": need_all})
+    if plain_ids and job_ids:
+        ids = '","'.join(job_ids)
+        body = ('{"ids":["' + ids + '"],"timeout":' + repr(seconds)
+                + (',"all":true}' if need_all else ',"all":false}')).encode()
+    else:
+        body = encode({"ids": list(job_ids), "timeout": seconds, "all": need_all})
     data = yield from call(Request("POST", "/v1/jobs/wait", body, wait=seconds), 200)
     jobs = data.get("jobs") if isinstance(data, dict) else None
     if not isinstance(jobs, list):

@@ -85,6 +85,7 @@ class Tracker:
         self.outstanding: dict[str, JobFuture] = {}  # accepted, not settled; by job id, in order
         self.unstarted: dict[str, JobFuture] = {}  # ... and not yet seen running
         self.stopping = False
+        self.plain_ids = True  # every job id so far is ASCII alphanumeric (see ops.wait_jobs)
         self.watcher = Watcher(self)
         self._threads = [threading.Thread(target=self._submit_loop, name="poold-executor-submit",
                                           daemon=True), *self.watcher.threads]
@@ -278,6 +279,8 @@ class Tracker:
             for f, job in zip(futs, jobs, strict=True):
                 jid = job["id"]
                 f.job_id, f.job, f._sending = jid, job, False
+                if not (jid.isascii() and jid.isalnum()):
+                    self.plain_ids = False
                 state = job.get("state")
                 if f._claimed:
                     continue
