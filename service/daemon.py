@@ -219,7 +219,8 @@ async def _drain(ctx: Context) -> None:
     sched.hold_back()
     log.info("draining: %d jobs running, waiting up to %g s", len(sched.running), grace)
     end = asyncio.get_running_loop().time() + grace
-    while sched.running and asyncio.get_running_loop().time() < end:
+    # dispatched too: a worker may have started a job whose start message is not read yet
+    while not sched.idle() and asyncio.get_running_loop().time() < end:
         await asyncio.sleep(0.05)
     if sched.running:
         log.warning("ending %d jobs still running after %g s (interrupted)", len(sched.running), grace)

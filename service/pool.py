@@ -162,6 +162,8 @@ class Pool:
         for n in range(1, size + 1):
             if n not in self.slots:
                 self._launch(Slot(n))
+            else:
+                self.slots[n].retiring = False  # kept after all (a shrink undone before it happened)
         for n, slot in list(self.slots.items()):
             if n > size:
                 slot.retiring = True

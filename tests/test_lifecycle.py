@@ -159,9 +159,12 @@ def ran_through(d: Daemon, jobs: dict[str, int]) -> None:
 # -- SIGTERM / SIGINT: the drain
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_the_drain_finishes_interrupts_retries_and_keeps_the_queue(daemon_factory, tmp_path, sig):
-    grace = 2.5
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGTERM, False), (signal.SIGINT, False),
+                                            (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-to-the-process-group"])
+def test_the_drain_finishes_interrupts_retries_and_keeps_the_queue(daemon_factory, tmp_path, sig, group):
+    """`group`: Ctrl-C at a terminal signals the daemon's whole process group, workers included."""
+    grace = 3.0
     d = daemon_factory(cfg={"pool": {"workers": 3},
                             "supervisor": {"shutdown_grace": grace, "kill_grace": 0.5}}).start()
     marker = tmp_path / "hang_once.marker"
@@ -169,12 +172,17 @@ def test_the_drain_finishes_interrupts_retries_and_keeps_the_queue(daemon_factor
     doomed = d.submit("tests.jobs:forever", timeout=120)["id"]
     d.wait_state(retried, "running")
     d.wait_state(doomed, "running")
-    finishing = d.submit("tests.jobs:sleep", 1.5)["id"]
+    finishing = d.submit("tests.jobs:sleep", 2.0)["id"]
     d.wait_state(finishing, "running")
     queued = [d.submit("tests.jobs:add", i, i)["id"] for i in range(3)]
     assert [d.job(j)["state"] for j in queued] == ["queued"] * 3
     t_signal = time.time()
-    d.signal(sig)
+    assert d.proc is not None
+    if group:
+        assert os.getpgid(d.proc.pid) == d.proc.pid
+        os.killpg(d.proc.pid, sig)
+    else:
+        d.signal(sig)
 
     def draining() -> Resp | None:
         r = d.get("/health", timeout=5)
@@ -193,7 +201,7 @@ def test_the_drain_finishes_interrupts_retries_and_keeps_the_queue(daemon_factor
     t_restart = time.time()
     d.start()
     j = d.job(finishing)
-    assert j["state"] == "succeeded" and j["result"] == 1.5 and j["attempts"] == 1, j
+    assert j["state"] == "succeeded" and j["result"] == 2.0 and j["attempts"] == 1, j
     assert t_signal < ts(j["finished_at"]) < t_restart, j  # it finished during the drain
     j = d.job(doomed)  # past the grace without a retry left
     assert j["state"] == "failed" and j["error"]["type"] == "interrupted" and j["attempts"] == 1, j
@@ -466,20 +474,32 @@ def test_sd_notify_through_the_whole_life(daemon_factory, short_dir, kind):
         listener.wait(_is("WATCHDOG=1"), 5, since=t_cont)
         assert d.get("/health", timeout=5).status == 200
 
-        # READY=1 came once; SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 again
+        # READY=1 came once; each SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 again,
+        # whether the new file is refused (systemd must not be left "reloading") or applied
         assert len(listener.with_line(_is("READY=1"))) == 1, listener.received()
-        t_hup = time.monotonic()
-        usec_before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        d.signal(signal.SIGHUP)
-        t_reloading, lines = listener.wait(_is("RELOADING=1"), 10, since=t_hup)
-        usec_after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        stamps = [ln for ln in lines if ln.startswith("MONOTONIC_USEC=")]
-        assert len(stamps) == 1 and stamps[0].split("=", 1)[1].isdigit(), lines
-        assert usec_before <= int(stamps[0].split("=", 1)[1]) <= usec_after, (usec_before, lines, usec_after)
-        t_ready2, _ = listener.wait(_is("READY=1"), 10, since=t_hup)
-        assert t_ready2 >= t_reloading
-        order = [ln for _, ls in listener.received(t_hup) for ln in ls if ln in ("RELOADING=1", "READY=1")]
-        assert order[:2] == ["RELOADING=1", "READY=1"], order
+        for refused_key in ("pool.wrokers", None):
+            if refused_key:
+                d.cfg["pool"]["wrokers"] = 1
+            else:
+                del d.cfg["pool"]["wrokers"]
+            rewrite_config(d)
+            t_hup = time.monotonic()
+            usec_before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            d.signal(signal.SIGHUP)
+            t_reloading, lines = listener.wait(_is("RELOADING=1"), 10, since=t_hup)
+            usec_after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            stamps = [ln for ln in lines if ln.startswith("MONOTONIC_USEC=")]
+            assert len(stamps) == 1 and stamps[0].split("=", 1)[1].isdigit(), lines
+            assert usec_before <= int(stamps[0].split("=", 1)[1]) <= usec_after, \
+                (usec_before, lines, usec_after)
+            t_ready2, _ = listener.wait(_is("READY=1"), 10, since=t_hup)
+            assert t_ready2 >= t_reloading
+            order = [ln for _, ls in listener.received(t_hup) for ln in ls
+                     if ln in ("RELOADING=1", "READY=1")]
+            assert order == ["RELOADING=1", "READY=1"], (refused_key, order)
+            if refused_key:
+                assert wait_for(lambda k=refused_key: k in d.logtext(10**9), 5), d.logtext()
+        assert d.get("/health", timeout=5).status == 200
 
         # SIGTERM: STOPPING=1, then a clean exit
         t_term = time.monotonic()
@@ -658,4 +678,3 @@ def test_a_token_guards_everything_but_health_on_a_non_loopback_host(daemon_fact
     assert d.get("/metrics").status == 200
     assert d.get("/openapi.json").status == 200
     assert d.run("tests.jobs:add", 3, 4)["result"] == 7
-

@@ -49,13 +49,20 @@ class Executor(concurrent.futures.Executor):
         self.client = Client(url, token, request_timeout=request_timeout, pool_size=4)
         self.max_pending = max_pending
         self._options: dict[str, Any] = {"timeout": timeout, "priority": priority, "retries": retries}
+        self._spec_cache: dict[str, _Specs] = {}  # by function name
         self._tracker = Tracker(self.client, max_pending, unavailable_timeout)
         _live.add(self._tracker)
+
+    def _specs(self, name: str) -> _Specs:
+        specs = self._spec_cache.get(name)
+        if specs is None:
+            specs = self._spec_cache.setdefault(name, _Specs(name, self._options))
+        return specs
 
     def submit(self, fn: Fn, /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedules fn(*args, **kwargs) as one job; fn is a module-level function or "module:name"."""
         name = fn_name(fn)
-        return self._tracker.add(name, [_Specs(name, self._options)(args, kwargs)], coalesce=True)[0]
+        return self._tracker.add(name, [self._specs(name)(args, kwargs)], coalesce=True)[0]
 
     def map(self, fn: Fn, *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -68,7 +75,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
         name = fn_name(fn)
-        spec = _Specs(name, self._options)
+        spec = self._specs(name)
         size = min(chunksize, self.max_pending)
         items = zip(*iterables)  # noqa: B905 -- stops at the shortest, as the stdlib's map
         futures: list[JobFuture] = []
