@@ -12,6 +12,8 @@ import functools
 import inspect
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ from service.client import (
 )
 from service.client.errors import job_failed
 from tests import jobs
-from tests.conftest import Daemon, free_port, wait_for, write_config
+from tests.conftest import REPO, Daemon, free_port, wait_for, write_config
 
 TOKEN = "s3cret-token"
 
@@ -240,6 +242,33 @@ def test_submit_many_is_one_ordered_batch(client: Any) -> None:
     results = [client.wait(j["id"], raise_on_failure=True)["result"] for j in batch]
     assert results == [3, "k", {"args": [3], "kwargs": {}}]
     assert client.submit_many([]) == []
+
+
+def test_wait_many_returns_the_jobs_in_order(client: Any) -> None:
+    batch = client.submit_many([(jobs.sleep, (0.3,), {}), (jobs.add, (1, 2), {}), (jobs.boom, (), {})])
+    ids = [j["id"] for j in batch]
+    done = client.wait_many([ids[2], ids[0], ids[1], ids[0]], timeout=30)
+    assert [j["id"] for j in done] == [ids[2], ids[0], ids[1], ids[0]]
+    assert [j["state"] for j in done] == ["failed", "succeeded", "succeeded", "succeeded"]
+    assert done[2]["result"] == 3
+    with pytest.raises(ValueError, match="boom from tests"):
+        client.wait_many(ids, raise_on_failure=True)
+    assert client.wait_many([]) == []
+
+
+def test_wait_many_timeout_and_unknown_ids(client: Any) -> None:
+    slow = client.submit(jobs.sleep, 30)
+    quick = client.submit(jobs.noop, 1)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="1 of 2 jobs"):
+        client.wait_many([quick["id"], slow["id"]], timeout=1.0)
+    assert 0.9 < time.monotonic() - t0 < 5
+    with pytest.raises(PooldError) as info:
+        client.wait_many([quick["id"], "no-such-job"], timeout=30)
+    assert (info.value.status, info.value.code) == (404, "not_found")
+    assert "no-such-job" in str(info.value)
+    client.cancel(slow["id"])
+    assert client.wait_many([slow["id"]])[0]["state"] == "cancelled"
 
 
 def test_jobs_workers_health(client: Any) -> None:
@@ -547,8 +576,8 @@ def test_executor_map_order_and_chunks(executor: Executor, items: int, chunksize
     seen = _counting(executor)
     results = executor.map(jobs.add, range(items), range(100, 100 + items), chunksize=chunksize)
     assert list(results) == [i + 100 + i for i in range(items)]
-    sent = [n for method, path, n in seen if method == "POST"]
-    assert all(path == "/v1/jobs/batch" for method, path, _ in seen if method == "POST")
+    sent = [n for method, path, n in seen if (method, path) == ("POST", "/v1/jobs/batch")]
+    assert {path for method, path, _ in seen if method == "POST"} <= {"/v1/jobs/batch", "/v1/jobs/wait"}
     if batches is not None:
         assert sent == batches  # each chunk is exactly one batch request
     assert sum(sent) == items
@@ -558,9 +587,69 @@ def test_executor_uses_few_requests(executor: Executor) -> None:
     seen = _counting(executor)
     futures = [executor.submit(jobs.noop, i) for i in range(400)]
     assert [f.result(timeout=60) for f in futures] == list(range(400))
-    posts = [n for method, _, n in seen if method == "POST"]
+    posts = [n for method, path, n in seen if (method, path) == ("POST", "/v1/jobs/batch")]
     assert sum(posts) == 400 and len(posts) <= 20  # consecutive submits share batches
     assert len(seen) < 2 * 400, len(seen)  # no polling loop per future
+
+
+def test_executor_collects_results_in_bulk(executor: Executor) -> None:
+    seen = _counting(executor)
+    assert list(executor.map(jobs.noop, range(1000), chunksize=100)) == list(range(1000))
+    assert not [path for method, path, _ in seen if method == "GET" and path.startswith("/v1/jobs/")]
+    waits = [path for method, path, _ in seen if path == "/v1/jobs/wait"]
+    assert 0 < len(waits) < 100 and len(seen) < 200, len(seen)  # many results per request
+
+
+def test_executor_quick_job_is_not_held_up_by_a_slow_one(executor: Executor, daemon: Daemon) -> None:
+    slow = executor.submit(jobs.sleep, 30)
+    assert wait_for(slow.running, 15)
+    time.sleep(0.5)  # the executor is long-polling the slow job now
+    t0 = time.monotonic()
+    assert executor.submit(jobs.add, 1, 2).result(timeout=30) == 3
+    assert time.monotonic() - t0 < 5  # not the 30 s of the long-poll on the slow job
+    quick = [executor.submit(jobs.noop, i) for i in range(3)]
+    assert [f.result(timeout=30) for f in quick] == [0, 1, 2]
+    with Client(daemon.url) as c:
+        c.cancel(slow.job_id or "")
+    with pytest.raises(cf.CancelledError):
+        slow.result(timeout=30)
+
+
+def test_executor_sees_a_queued_job_start(executor: Executor, daemon: Daemon) -> None:
+    with Client(daemon.url) as c:
+        blockers = occupy_workers(c)
+        f = executor.submit(jobs.sleep, 0.5)
+        assert wait_for(lambda: f.job_id is not None, 10)
+        time.sleep(1.0)
+        assert not f.running() and not f.done()
+        c.cancel(blockers[0])
+        assert wait_for(lambda: f.running() or f.done(), 15)
+        assert f.result(timeout=30) == 0.5
+        c.cancel(blockers[1])
+
+
+def test_executor_fails_the_futures_of_jobs_the_daemon_lost(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory(cfg={"store": {"path": ":memory:"}}).start()
+    with Executor(d.url, unavailable_timeout=30) as ex:
+        f = ex.submit(jobs.sleep, 30)
+        assert wait_for(f.running, 15)
+        d.kill()  # with an in-memory store the restarted daemon knows nothing of the job
+        d.start()
+        assert d.url == ex.client.url
+        with pytest.raises(PooldError) as info:
+            f.result(timeout=60)
+        assert (info.value.status, info.value.code) == (404, "not_found")
+        assert ex.submit(jobs.add, 2, 2).result(timeout=30) == 4
+
+
+def test_executor_under_a_small_body_limit(daemon_factory: Callable[..., Daemon]) -> None:
+    # Batches and long-polls are split until they fit into server.max_body_bytes.
+    d = daemon_factory(cfg={"server": {"max_body_bytes": 2048}}).start()
+    with Executor(d.url) as ex:
+        futures = [ex.submit(jobs.noop, i) for i in range(300)]
+        assert [f.result(timeout=60) for f in futures] == list(range(300))
+        assert list(ex.map(jobs.noop, range(100), chunksize=20)) == list(range(100))
 
 
 def test_executor_map_timeout_cancels_the_rest(executor: Executor, daemon: Daemon) -> None:
@@ -668,6 +757,15 @@ def test_executor_pins_a_refused_item_on_its_future(executor: Executor) -> None:
         with pytest.raises(PooldError) as info:
             futures[i].result(timeout=30)
         assert info.value.code == code
+
+
+def test_client_import_leaves_aiohttp_out() -> None:
+    # The CLI imports Client: its start-up must not pay for aiohttp.
+    code = ("import sys; from service.client import Client, PooldError; "
+            "assert 'aiohttp' not in sys.modules, 'aiohttp imported'; "
+            "from service.client import AsyncClient, Executor; "
+            "assert 'aiohttp' in sys.modules and AsyncClient.__name__ == 'AsyncClient'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
 def test_executor_threads_are_released(daemon: Daemon) -> None:
