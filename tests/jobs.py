@@ -365,3 +365,168 @@ def attempt_script(counter_path, steps):
     if step == "hang":
         forever()
     return n
+
+
+# -- hostile jobs (tests/test_reliability_limits.py): each must end as its own failure or success
+
+
+def _child_sleep(seconds):
+    """In a forked child: sleep, then leave without running any Python exit code."""
+    try:
+        time.sleep(seconds)
+    finally:
+        os._exit(0)
+
+
+def fork_tree(depth, fanout, then="return", detach=False):
+    """A bounded fork bomb: every process forks `fanout` children down to `depth` levels (2, 7:
+    254 processes, none exec'd), each of which then sleeps for 120 s (a bound, so nothing
+    outlives a broken test by much). With `detach`, each child first calls setsid(). The job
+    waits until the whole tree stands (each process writes a byte to a pipe once its own
+    children are forked), then returns how many processes stand, or hangs (`then="hang"`)."""
+    want = sum(fanout ** k for k in range(1, depth + 1))
+    r, w = os.pipe()
+    level = 0
+    while level < depth:
+        child = False
+        for _ in range(fanout):
+            if os.fork() == 0:
+                child = True
+                break
+        if not child:
+            break
+        if detach:
+            os.setsid()
+        level += 1
+    if level > 0:  # not the job itself: report, then stay until the bound
+        os.close(r)
+        os.write(w, b"x")
+        _child_sleep(120)
+    os.close(w)
+    got = 0
+    end = time.monotonic() + 60
+    while got < want and time.monotonic() < end:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        got += len(chunk)
+    os.close(r)
+    if then == "hang":
+        forever()
+    return got
+
+
+def leak_forked(pidfile, detach=False):
+    """Leaves a forked (never exec'd) child sleeping for 120 s, or with `detach` a double-forked,
+    setsid() grandchild, and returns its pid."""
+    r, w = os.pipe()
+    first = os.fork()
+    if first == 0:
+        os.close(r)
+        if detach:
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+        os.write(w, str(os.getpid()).encode())
+        os.close(w)
+        _child_sleep(120)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 64):
+        data += chunk
+    os.close(r)
+    if detach:
+        os.waitpid(first, 0)
+    _write_pid(pidfile, int(data))
+    return int(data)
+
+
+def fork_chain(heartbeat, stop, seconds=30):
+    """A process that keeps replacing itself by a fresh fork (its parent exits at once), so its
+    pid never lasts more than a millisecond or so: a kill by pid, or a scan of processes, misses
+    it. It writes the time to `heartbeat` every 0.1 s (proof it still runs) and ends itself once
+    `stop` exists or after `seconds`. The job returns at once; the chain runs on without it."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return "started"
+    end = time.monotonic() + seconds
+    beat = 0.0
+    while time.monotonic() < end and not os.path.exists(stop):
+        if os.fork():
+            os._exit(0)
+        if time.monotonic() - beat > 0.1:
+            beat = time.monotonic()
+            with open(heartbeat, "w") as f:
+                f.write(str(time.time()))
+        time.sleep(0.001)
+    os._exit(0)
+
+
+def open_files(n, keep=True):
+    """Opens /dev/null up to n times (stopping at EMFILE) after raising its soft RLIMIT_NOFILE to
+    the hard limit; keeps them open in the worker when `keep`. Returns how many it opened."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fds = []
+    try:
+        for _ in range(n):
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as e:
+        if e.errno != 24:  # EMFILE
+            raise
+    if keep:
+        _FDS.extend(fds)
+    else:
+        for fd in fds:
+            os.close(fd)
+    return len(fds)
+
+
+_FDS: list = []
+
+
+def alloc_until(limit_mb, step_mb=8, catch=False):
+    """Simulates running out of memory, safely: caps its own address space (RLIMIT_AS) at its
+    current size plus `limit_mb` MiB, then allocates (and touches) `step_mb` MiB blocks until
+    MemoryError. Raises it, or with `catch` drops the blocks and returns the MiB it got."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + limit_mb * 2**20, hard))
+    blocks = []
+    try:
+        while True:
+            blocks.append(bytearray(step_mb * 2**20))
+    except MemoryError:
+        got = len(blocks) * step_mb
+        blocks.clear()
+        if catch:
+            return got
+        raise
+
+
+def close_std(fds, write=True):
+    """Closes its own file descriptors `fds` (e.g. [1] for stdout), then writes to stdout and
+    stderr and flushes. Returns what it closed."""
+    for fd in fds:
+        os.close(fd)
+    if write:
+        print("to a closed stdout?")
+        print("to a closed stderr?", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return fds
+
+
+def flood_output(mb, fds=(1, 2)):
+    """Writes `mb` MiB to each of the file descriptors `fds` (stdout, stderr); returns mb."""
+    line = b"x" * 1023 + b"\n"
+    for fd in fds:
+        for _ in range(mb * 1024):
+            os.write(fd, line)
+    return mb

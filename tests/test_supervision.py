@@ -231,6 +231,21 @@ def test_a_crash_fails_only_its_own_job(daemon, tmp_path, fn, args, kill_from_ou
     assert [daemon.run("tests.jobs:add", i, 1)["result"] for i in range(4)] == [1, 2, 3, 4]
 
 
+def test_the_exit_status_is_named_every_time(daemon):
+    # many deaths in a row, each with its own status: the one reported must be the worker's own
+    codes = range(3, 123)
+    r = daemon.post("/v1/jobs/batch", {"jobs": [{"fn": "tests.jobs:hard_exit", "args": [c]} for c in codes]})
+    assert r.status == 202, r
+    wrong = []
+    for code, job in zip(codes, r.json["jobs"], strict=True):
+        j = daemon.wait_done(job["id"], 60)
+        assert j["state"] == "failed" and j["error"]["type"] == "worker_died", j
+        if not re.search(rf"\bcode {code}\b", j["error"]["message"]):
+            wrong.append((code, j["error"]["message"]))
+    assert not wrong, f"{len(wrong)} of {len(codes)} deaths misreported: {wrong}"
+    assert wait_for(lambda: daemon.settled(2), 15), daemon.workers()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_idle_worker_killed_from_outside_is_replaced(daemon_factory, workers):
     d = daemon_factory(cfg={"pool": {"workers": workers}}).start()
