@@ -35,6 +35,9 @@ log = logging.getLogger("poold")
 def run(cfg: Config) -> int:
     """Runs the daemon until SIGTERM or SIGINT; 0 after a clean shutdown, 1 on a fatal error."""
     logs.setup(cfg.log.level, cfg.log.format)
+    # the executors' threads (feeding work to workers) must not wait 5 ms for the GIL while the
+    # event loop is busy: that wait would be every job's latency
+    sys.setswitchinterval(0.0005)
     try:
         import setproctitle
 

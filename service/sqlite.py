@@ -46,6 +46,8 @@ class Database:
         self.rw.execute("PRAGMA journal_mode=WAL")
         self.rw.execute("PRAGMA synchronous=NORMAL")
         self.rw.execute("PRAGMA busy_timeout=5000")
+        # checkpoints (which fsync the database) run off the event loop: see checkpoint()
+        self.rw.execute("PRAGMA wal_autocheckpoint=0")
         self.rw.executescript(self._schema)
         # reads through a second connection see committed data only: nobody is shown a job
         # (or its result) before the commit that holds it
@@ -204,6 +206,17 @@ class Database:
             self._backlog_after.append(cb)
         else:
             cb()
+
+    def checkpoint(self) -> None:
+        """Copies the WAL into the database, in a thread of its own with its own connection, so
+        the fsync it costs never stalls a request (the loop's connection never checkpoints)."""
+        if self._inode is None:
+            return
+        try:
+            with sqlite3.connect(self.path, timeout=5) as conn:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as e:
+            log.debug("checkpoint of %s: %s", self.path, e)
 
     # -- health and repair
     def repair(self) -> None:

@@ -178,6 +178,10 @@ class Store:
     def repair(self) -> None:
         self._d.repair()
 
+    def checkpoint(self) -> None:
+        """Thread-safe: run it in a thread (see Database.checkpoint)."""
+        self._d.checkpoint()
+
     def probe(self) -> bool:
         return self._d.probe()
 

@@ -40,6 +40,7 @@ class Watch:
             t = time.monotonic()
             await asyncio.sleep(interval)
             self._loop_lag = max(0.0, time.monotonic() - t - interval)
+            self._checkpoint(tg_tasks)
             try:
                 self.ctx.store.repair()
                 self._sweep_orphans(tg_tasks)
@@ -69,6 +70,15 @@ class Watch:
                 self._ending -= pids
 
         task = asyncio.get_running_loop().create_task(end())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _checkpoint(self, tasks: set[asyncio.Task[None]]) -> None:
+        """One WAL checkpoint at a time, in a thread."""
+        if any(t.get_name() == "checkpoint" for t in tasks):
+            return
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.ctx.store.checkpoint),
+                                                      name="checkpoint")
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
