@@ -67,7 +67,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if ctx.token and not (request.method == "GET" and request.path == "/health"):
             given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {ctx.token}".encode()):
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                       f"Bearer {ctx.token}".encode("utf-8", "surrogateescape")):
                 raise ApiError(401, "unauthorized",
                                "a valid 'Authorization: Bearer <token>' header is required",
                                {"WWW-Authenticate": "Bearer"})
@@ -91,10 +92,15 @@ async def _body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     data = bytearray()
-    while chunk := await request.content.readany():
-        data += chunk
-        if len(data) > limit:
-            raise too_large
+    try:
+        while chunk := await request.content.readany():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+    except ApiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a body that cannot be decoded (bad gzip, …) is the client's
+        raise ApiError(400, "invalid_json", f"the body cannot be read: {type(e).__name__}") from None
     try:
         return json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
@@ -103,6 +109,7 @@ async def _body(request: web.Request) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
 
 
 def _refuse_when_draining(ctx: Context) -> None:
@@ -240,7 +247,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if state is not None and state not in STATES:
         raise ApiError(422, "invalid_request", f"state: must be one of {', '.join(STATES)}")
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
         raise ApiError(422, "invalid_request", "limit: expected an integer from 1 to 1000")
     jobs = ctx.store.list_json(state, int(raw), ctx.scheduler.progress_json)
     return _job_response('{"jobs":[' + ",".join(jobs) + "]}")

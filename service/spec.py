@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -19,7 +20,7 @@ from service.config import JobsConfig
 from service.store import NewJob
 
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-_FN = re.compile(f"^{_DOTTED}:{_DOTTED}$")
+_FN = re.compile(f"{_DOTTED}:{_DOTTED}")
 _FIELDS = {"fn", "args", "kwargs", "timeout", "priority", "retries", "key"}
 
 
@@ -106,7 +107,7 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     if not isinstance(fn, str):
         raise _invalid("fn: expected a string 'module:name'")
     if fn not in allow.ok:  # not seen (and admitted) before: check it fully
-        if len(fn) > 500 or not _FN.match(fn):
+        if len(fn) > 500 or not _FN.fullmatch(fn):
             raise _invalid("fn: expected 'module:name' (a Python module path, a colon, a function name)")
         allow.check(fn)
     args = spec.get("args", [])
@@ -134,5 +135,17 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     key = spec.get("key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
         raise _invalid("key: expected a string of 1 to 200 characters or null")
-    return NewJob(fn=fn, args=args, kwargs=kwargs, timeout=float(timeout), priority=priority,
+    if key is not None and not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid("key: not valid Unicode (a lone surrogate)") from None
+    try:  # encoded once, here: a number too large for a float (1e400) is no JSON number
+        args_json = json.dumps(args, allow_nan=False) if args else "[]"
+        kwargs_json = json.dumps(kwargs, allow_nan=False) if kwargs else "{}"
+    except ValueError:
+        raise _invalid("args/kwargs: numbers must be finite (1e400 is out of range)") from None
+    except RecursionError:
+        raise _invalid("args/kwargs: nested too deeply") from None
+    return NewJob(fn=fn, args=args_json, kwargs=kwargs_json, timeout=float(timeout), priority=priority,
                   retries=retries, key=key)

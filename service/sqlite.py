@@ -82,7 +82,7 @@ class Database:
         try:
             self.begin()
             cur = self.rw.execute(sql, params)
-        except (sqlite3.Error, StoreError) as e:
+        except Exception as e:
             if self._commit is not None:
                 self._abort(e)
             if keep:
@@ -99,7 +99,7 @@ class Database:
         try:
             self.begin()
             cur = self.rw.executemany(sql, rows)
-        except (sqlite3.Error, StoreError) as e:
+        except Exception as e:
             if self._commit is not None:
                 self._abort(e)
             if keep:

@@ -71,8 +71,8 @@ class NewJob(NamedTuple):
     """A validated JobSpec, ready to enqueue."""
 
     fn: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    args: str  # JSON text
+    kwargs: str
     timeout: float
     priority: int = 0
     retries: int = 0
@@ -213,8 +213,7 @@ class Store:
                     continue
                 by_key[j.key] = len(out)
             jid = os.urandom(16).hex()
-            args = json.dumps(j.args) if j.args else "[]"
-            kwargs = json.dumps(j.kwargs) if j.kwargs else "{}"
+            args, kwargs = j.args, j.kwargs
             rows.append((jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
             out.append((jid, job_json((0, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout,
                                        j.retries, 0, j.key, now, None, None, None, None, None, None)), True))
