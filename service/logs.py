@@ -20,6 +20,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class _ClientFaults(logging.Filter):
+    """aiohttp logs a client's broken request body (bad gzip, a connection dropped mid-body)
+    with a traceback after poold has answered 400: the client's fault, not an error of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        if type(exc).__module__.startswith("aiohttp.http_exceptions"):  # malformed HTTP: a 400
+            return False
+        return type(exc).__name__ not in ("RequestPayloadError", "ClientPayloadError",
+                                          "ConnectionResetError")
+
+
 def setup(level: str, fmt: str) -> None:
     """(Re)configures the root logger; called at start and on reload."""
     root = logging.getLogger()
@@ -33,3 +47,6 @@ def setup(level: str, fmt: str) -> None:
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaults) for f in server.filters):
+        server.addFilter(_ClientFaults())
