@@ -289,12 +289,21 @@ async def openapi_document(request: web.Request) -> web.Response:
     return _json(openapi.document(request.app[CTX].version))
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is honoured; any other expectation gets a JSON 417 (aiohttp's own
+    answer fails on a header that is not UTF-8)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    return error_response(417, "expectation_failed", "only 'Expect: 100-continue' is supported")
+
+
 def make_app(ctx: Context) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=2**31)
     app[CTX] = ctx
-    app.router.add_post("/v1/jobs", submit)
-    app.router.add_post("/v1/jobs/batch", submit_batch)
-    app.router.add_post("/v1/jobs/wait", wait_jobs)
+    app.router.add_post("/v1/jobs", submit, expect_handler=_expect)
+    app.router.add_post("/v1/jobs/batch", submit_batch, expect_handler=_expect)
+    app.router.add_post("/v1/jobs/wait", wait_jobs, expect_handler=_expect)
     app.router.add_get("/v1/jobs", list_jobs, allow_head=False)
     app.router.add_get("/v1/jobs/{id}", get_job, allow_head=False)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
