@@ -72,28 +72,39 @@ class BenchDaemon:
         self.tag = uuid.uuid4().hex
         self.pids: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
-        cfg = {"server": {"port": self.port, "max_body_bytes": 8 << 20},
-               "pool": {"workers": workers},
-               "jobs": {"allow": ["bench.jobs:*"], "max_queue": 1_000_000},
-               "store": {"path": self.store},
-               "supervisor": {"interval": 0.5, "kill_grace": 1.0, "shutdown_grace": 5.0},
-               "log": {"level": "info"}}
+        cfg: dict[str, dict[str, Any]] = {
+            "server": {"port": self.port, "max_body_bytes": 8 << 20},
+            "pool": {"workers": workers},
+            "jobs": {"allow": ["bench.jobs:*"], "max_queue": 1_000_000},
+            "store": {"path": self.store},
+            "supervisor": {"interval": 0.5, "kill_grace": 1.0, "shutdown_grace": 5.0},
+            "log": {"level": "info"},
+        }
         lines = []
         for sec, vals in cfg.items():
             lines.append(f"[{sec}]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in vals.items()]
         self.config = tmp / "poold.toml"
         self.config.write_text("\n".join(lines) + "\n")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("POOLD_")
-                    and k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC")}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("POOLD_")
+            and k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC")
+        }
         self.env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), self.env.get("PYTHONPATH", "")) if x)
         self.env[TAG_VAR] = self.tag
 
     def start(self, timeout: float = 60) -> BenchDaemon:
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--config", str(self.config)],
-                                         env=self.env, cwd=str(self.tmp), stdout=logf,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--config", str(self.config)],
+                env=self.env,
+                cwd=str(self.tmp),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.pids.append(self.proc.pid)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -126,8 +137,9 @@ class BenchDaemon:
             if p.pid == os.getpid():
                 continue
             try:
-                if (os.getsid(p.pid) in self.pids or p.environ().get(TAG_VAR) == self.tag) \
-                        and p.status() != psutil.STATUS_ZOMBIE:
+                if (
+                    os.getsid(p.pid) in self.pids or p.environ().get(TAG_VAR) == self.tag
+                ) and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p)
             except (OSError, psutil.Error):
                 pass
@@ -225,8 +237,9 @@ def _spin(rng: random.Random) -> float:
     return 0.0 if r < 0.9 else 0.005 if r < 0.98 else 0.1
 
 
-def _submitter(n: int, ctl: Controller, book: Book, stop: threading.Event, seed: int, record: str,
-               must: int, run_id: str) -> None:
+def _submitter(
+    n: int, ctl: Controller, book: Book, stop: threading.Event, seed: int, record: str, must: int, run_id: str
+) -> None:
     rng = random.Random(seed * 1000 + n)
     h = Http(ctl)
     seq = 0
@@ -286,7 +299,7 @@ def _fetch_final(h: Http, ids: list[str], chunk: int = 5000) -> dict[str, dict[s
     """The finished jobs among ids (POST /v1/jobs/wait with timeout 0), or None when no answer."""
     out: dict[str, dict[str, Any]] = {}
     for i in range(0, len(ids), chunk):
-        status, body = h.call("POST", "/v1/jobs/wait", {"ids": ids[i:i + chunk], "timeout": 0})
+        status, body = h.call("POST", "/v1/jobs/wait", {"ids": ids[i : i + chunk], "timeout": 0})
         if status != 200:
             return None
         for j in body["jobs"]:
@@ -339,14 +352,28 @@ class Result:
     total_seconds: float = 0.0
 
     def ok(self) -> bool:
-        return not (self.lost or self.ran_after_success or self.changed_after_final
-                    or self.retried_not_succeeded or self.key_duplicates or self.unexpected) \
+        return (
+            not (
+                self.lost
+                or self.ran_after_success
+                or self.changed_after_final
+                or self.retried_not_succeeded
+                or self.key_duplicates
+                or self.unexpected
+            )
             and self.integrity == "ok"
+        )
 
     def problems(self) -> str:
         out = []
-        for name in ("lost", "ran_after_success", "changed_after_final", "retried_not_succeeded",
-                     "key_duplicates", "unexpected"):
+        for name in (
+            "lost",
+            "ran_after_success",
+            "changed_after_final",
+            "retried_not_succeeded",
+            "key_duplicates",
+            "unexpected",
+        ):
             v = getattr(self, name)
             if v:
                 out.append(f"{name} ({len(v)}): {v[:5]}")
@@ -363,9 +390,17 @@ def integrity(path: str) -> str:
         con.close()
 
 
-def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 20,
-        up: tuple[float, float] = (1.0, 3.0), settle: float = 180.0, seed: int = 1,
-        say: Callable[[str], None] = lambda s: None) -> Result:
+def run(
+    ctl: Controller,
+    *,
+    record: str,
+    submitters: int = 32,
+    restarts: int = 20,
+    up: tuple[float, float] = (1.0, 3.0),
+    settle: float = 180.0,
+    seed: int = 1,
+    say: Callable[[str], None] = lambda s: None,
+) -> Result:
     """The crash loop against a started daemon `ctl`; leaves it stopped. See the module docstring."""
     res = Result(restarts=restarts)
     book = Book()
@@ -375,9 +410,15 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
     rng = random.Random(seed)
     kills: list[float] = []
     t0 = time.monotonic()
-    threads = [threading.Thread(target=_submitter, name=f"submitter-{n}", daemon=True,
-                                args=(n, ctl, book, stop_submit, seed, record, must, run_id))
-               for n in range(submitters)]
+    threads = [
+        threading.Thread(
+            target=_submitter,
+            name=f"submitter-{n}",
+            daemon=True,
+            args=(n, ctl, book, stop_submit, seed, record, must, run_id),
+        )
+        for n in range(submitters)
+    ]
     poller = threading.Thread(target=_poller, args=(ctl, book, stop_poll), name="poller", daemon=True)
     for t in threads:
         t.start()
@@ -387,9 +428,9 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
             time.sleep(rng.uniform(*up))
             kills.append(time.time())
             ctl.kill()
-            t = time.monotonic()
+            t_kill = time.monotonic()
             ctl.start()
-            res.restart_seconds.append(time.monotonic() - t)
+            res.restart_seconds.append(time.monotonic() - t_kill)
             say(f"restart {i + 1}/{restarts}: {len(book.jobs)} jobs answered for so far")
         time.sleep(rng.uniform(*up))
     finally:
@@ -447,8 +488,9 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
         job = after.get(jid)
         if job is None:
             continue
-        res.states[job["state"] if job["state"] != "failed" else
-                   f"failed ({(job.get('error') or {}).get('type')})"] += 1
+        res.states[
+            job["state"] if job["state"] != "failed" else f"failed ({(job.get('error') or {}).get('type')})"
+        ] += 1
         first = book.first_final.get(jid)
         if first is None and jid in final:
             first = (final[jid]["state"], final[jid]["finished_at"], 0.0)
@@ -457,15 +499,18 @@ def run(ctl: Controller, *, record: str, submitters: int = 32, restarts: int = 2
         starts = execs.get(j.tag, [])
         res.reruns += len(starts) > 1
         if len(starts) > 1 + j.retries:
-            res.over_retries.append(f"{jid}: retries {j.retries}, executed {len(starts)} times,"
-                                    f" attempts {job['attempts']}, {job['state']}")
+            res.over_retries.append(
+                f"{jid}: retries {j.retries}, executed {len(starts)} times,"
+                f" attempts {job['attempts']}, {job['state']}"
+            )
         if job["state"] == "succeeded":
             done = epoch(job["finished_at"])
             seen = first[2] if first is not None and first[0] == "succeeded" and first[2] else float("inf")
             late = [s for s in starts if s > done or s > seen]
             if late:
-                res.ran_after_success.append(f"{jid} ({j.tag}): finished {job['finished_at']},"
-                                             f" executions started at {sorted(starts)}")
+                res.ran_after_success.append(
+                    f"{jid} ({j.tag}): finished {job['finished_at']}, executions started at {sorted(starts)}"
+                )
             if not starts:
                 res.unexpected.append(f"{jid} ({j.tag}) succeeded without any recorded execution")
         if j.retries >= restarts + 1 and job["state"] != "succeeded":
@@ -495,7 +540,8 @@ def report(res: Result) -> str:
         f"executed more than 1 + retries times: {len(res.over_retries)} {res.over_retries[:3]}",
         f"executions by a killed daemon's worker (within 0.25 s of the kill): {res.orphan_executions}",
         f"integrity_check:                  {res.integrity}",
-        f"time: load {res.load_seconds:.1f} s, settle {res.settle_seconds:.1f} s, total {res.total_seconds:.1f} s;"
+        f"time: load {res.load_seconds:.1f} s, settle {res.settle_seconds:.1f} s,"
+        f" total {res.total_seconds:.1f} s;"
         f" restart (kill -> healthy) median {rs[len(rs) // 2]:.2f} s, max {rs[-1]:.2f} s",
     ]
     if not res.ok():
@@ -517,8 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         d = BenchDaemon(Path(tmp), a.workers)
         try:
             d.start()
-            res = run(d, record=str(Path(tmp) / "executions.log"), submitters=a.submitters,
-                      restarts=a.restarts, seed=a.seed, say=lambda s: print(s, file=sys.stderr, flush=True))
+            res = run(
+                d,
+                record=str(Path(tmp) / "executions.log"),
+                submitters=a.submitters,
+                restarts=a.restarts,
+                seed=a.seed,
+                say=lambda s: print(s, file=sys.stderr, flush=True),
+            )
         except Exception:
             print(d.log.read_text(errors="replace")[-4000:], file=sys.stderr)
             raise

@@ -52,34 +52,140 @@ CHEAP_FNS = ["tests.jobs:echo", "tests.jobs:noop", "tests.jobs:add"]
 # names that must never run: module tricks, dunders, attribute chains, wildcard and path abuse,
 # unicode lookalikes, white space and control characters
 HOSTILE_FNS = [
-    "os:system", "os:__builtins__", "builtins:eval", "builtins:__import__", "subprocess:run",
-    "service.demo:__class__", "service.demo:fib.__globals__", "service.demo:os.system",
-    "service.demo:time.sleep", "service.demo:__import__", "service.demo:__builtins__",
-    "service.demo:primes.__code__", "service.demo:progress", "service.demo:time", "service.demo:annotations",
-    "service.demo*:fib", "service.demo:*", "service:demo.fib", "service.demo.os:system",
-    "service.demo.__builtins__:eval", "../service/demo:fib", "service/../demo:fib", "..:fib",
-    "service.demo:../fib", "service.demo:fib/../../os", "/etc/passwd:x", "__main__:main",
-    "service.dem\u043e:fib", "service.demo:f\u0456b", "service.demo:\uff46\uff49\uff42",
-    "service.demo:fib ", " service.demo:fib", "service.demo:fib\n", "service.demo:fib\r\n",
-    "service.demo:fib\t", "service.demo:fib\x00", "service.demo:fib\u200b", "service.demo :fib",
-    "service.demo:", ":fib", "service.demo", "service.demo:fib:fib", "service.demo::fib", "",
-    "tests.jobs:_bump", "tests.jobs:os", "tests.jobs:subprocess", "tests.jobs:CustomError",
-    "tests.jobs:forever", "tests.jobs:suicide", "x" * 600,
+    "os:system",
+    "os:__builtins__",
+    "builtins:eval",
+    "builtins:__import__",
+    "subprocess:run",
+    "service.demo:__class__",
+    "service.demo:fib.__globals__",
+    "service.demo:os.system",
+    "service.demo:time.sleep",
+    "service.demo:__import__",
+    "service.demo:__builtins__",
+    "service.demo:primes.__code__",
+    "service.demo:progress",
+    "service.demo:time",
+    "service.demo:annotations",
+    "service.demo*:fib",
+    "service.demo:*",
+    "service:demo.fib",
+    "service.demo.os:system",
+    "service.demo.__builtins__:eval",
+    "../service/demo:fib",
+    "service/../demo:fib",
+    "..:fib",
+    "service.demo:../fib",
+    "service.demo:fib/../../os",
+    "/etc/passwd:x",
+    "__main__:main",
+    "service.dem\u043e:fib",
+    "service.demo:f\u0456b",
+    "service.demo:\uff46\uff49\uff42",
+    "service.demo:fib ",
+    " service.demo:fib",
+    "service.demo:fib\n",
+    "service.demo:fib\r\n",
+    "service.demo:fib\t",
+    "service.demo:fib\x00",
+    "service.demo:fib\u200b",
+    "service.demo :fib",
+    "service.demo:",
+    ":fib",
+    "service.demo",
+    "service.demo:fib:fib",
+    "service.demo::fib",
+    "",
+    "tests.jobs:_bump",
+    "tests.jobs:os",
+    "tests.jobs:subprocess",
+    "tests.jobs:CustomError",
+    "tests.jobs:forever",
+    "tests.jobs:suicide",
+    "x" * 600,
 ]
 RAW_NUMBERS = [
-    "1e400", "-1e400", "1e-400", "2e308", "1.7976931348623157e309", "NaN", "Infinity", "-Infinity",
-    "-0", "-0.0", "1E+2", str(2**80), str(-(2**80)), str(2**63), str(2**64), "9" * 4400, "01", "1.",
-    ".5", "+1", "0x10", "1_0", "--1", "1e", "nan", "inf", "true1", "nul",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "2e308",
+    "1.7976931348623157e309",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "-0",
+    "-0.0",
+    "1E+2",
+    str(2**80),
+    str(-(2**80)),
+    str(2**63),
+    str(2**64),
+    "9" * 4400,
+    "01",
+    "1.",
+    ".5",
+    "+1",
+    "0x10",
+    "1_0",
+    "--1",
+    "1e",
+    "nan",
+    "inf",
+    "true1",
+    "nul",
 ]
-METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT", "get",
-           "BREW", "G\x00T", "\u00c9T"]
-PATHS = ["/v1/jobs", "/v1/jobs/batch", "/v1/jobs/wait", "/v1/jobs/{id}", "/v1/workers", "/health",
-         "/metrics", "/openapi.json", "/", "/v1", "/v1/jobs/", "/v1/jobs//", "/v1/jobs/{id}/x",
-         "/v1/jobs/../health", "/v1/jobs/%2e%2e/%2e%2e/etc/passwd", "//v1//jobs", "/v1/jobs/%00",
-         "/V1/JOBS", "/v1/jobs;x", "*", "http://127.0.0.1/v1/jobs", "/v1/jobs/{id}?wait={n}"]
-CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "application/json; charset=latin-1",
-                 "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=xyz",
-                 "application/octet-stream", "", "application/json, text/plain", "*/*", "\u00e9/\u00e9"]
+METHODS = [
+    "GET",
+    "POST",
+    "DELETE",
+    "PUT",
+    "PATCH",
+    "HEAD",
+    "OPTIONS",
+    "TRACE",
+    "CONNECT",
+    "get",
+    "BREW",
+    "G\x00T",
+    "\u00c9T",
+]
+PATHS = [
+    "/v1/jobs",
+    "/v1/jobs/batch",
+    "/v1/jobs/wait",
+    "/v1/jobs/{id}",
+    "/v1/workers",
+    "/health",
+    "/metrics",
+    "/openapi.json",
+    "/",
+    "/v1",
+    "/v1/jobs/",
+    "/v1/jobs//",
+    "/v1/jobs/{id}/x",
+    "/v1/jobs/../health",
+    "/v1/jobs/%2e%2e/%2e%2e/etc/passwd",
+    "//v1//jobs",
+    "/v1/jobs/%00",
+    "/V1/JOBS",
+    "/v1/jobs;x",
+    "*",
+    "http://127.0.0.1/v1/jobs",
+    "/v1/jobs/{id}?wait={n}",
+]
+CONTENT_TYPES = [
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/json; charset=latin-1",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=xyz",
+    "application/octet-stream",
+    "",
+    "application/json, text/plain",
+    "*/*",
+    "\u00e9/\u00e9",
+]
 
 
 class Raw(str):
@@ -91,7 +197,9 @@ def dumps(v: Any, ascii_only: bool = True) -> str:
     if isinstance(v, Raw):
         return str(v)
     if isinstance(v, dict):
-        return "{" + ",".join(f"{dumps(str(k), ascii_only)}:{dumps(x, ascii_only)}" for k, x in v.items()) + "}"
+        return (
+            "{" + ",".join(f"{dumps(str(k), ascii_only)}:{dumps(x, ascii_only)}" for k, x in v.items()) + "}"
+        )
     if isinstance(v, list):
         return "[" + ",".join(dumps(x, ascii_only) for x in v) + "]"
     return json.dumps(v, ensure_ascii=ascii_only)
@@ -103,11 +211,18 @@ def encode(text: str) -> bytes:
 
 
 any_text = st.text(st.characters(exclude_categories=()), max_size=40)
-leaves = (st.none() | st.booleans() | st.integers() | st.integers(-(2**100), 2**100)
-          | st.floats(allow_nan=False, allow_infinity=False) | any_text
-          | st.sampled_from(RAW_NUMBERS).map(Raw))
-json_values = st.recursive(leaves, lambda c: st.lists(c, max_size=5)
-                           | st.dictionaries(any_text, c, max_size=5), max_leaves=25)
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(2**100), 2**100)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | any_text
+    | st.sampled_from(RAW_NUMBERS).map(Raw)
+)
+json_values = st.recursive(
+    leaves, lambda c: st.lists(c, max_size=5) | st.dictionaries(any_text, c, max_size=5), max_leaves=25
+)
 
 
 def _deep(depth: int, kind: str) -> Raw:
@@ -118,30 +233,44 @@ def _deep(depth: int, kind: str) -> Raw:
     return Raw('[{"a":' * (depth // 2) + "1" + "}]" * (depth // 2))
 
 
-deep = st.builds(_deep, st.sampled_from([10, 100, 900, 1000, 2000, 10_000, 100_000]),
-                 st.sampled_from(["list", "dict", "mixed"]))
+deep = st.builds(
+    _deep,
+    st.sampled_from([10, 100, 900, 1000, 2000, 10_000, 100_000]),
+    st.sampled_from(["list", "dict", "mixed"]),
+)
 # mostly short; now and then about server.max_body_bytes (1 MiB), under and over it
-big_text = st.sampled_from([0, 1, 100, 1000, 65_536, 1000, 100, 1_000_000, 1_048_500, 1_100_000]).map(lambda n: "x" * n)
+big_text = st.sampled_from([0, 1, 100, 1000, 65_536, 1000, 100, 1_000_000, 1_048_500, 1_100_000]).map(
+    lambda n: "x" * n
+)
 
 
 def field_value(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return valid | json_values | st.sampled_from(RAW_NUMBERS).map(Raw) | deep
 
 
-fns = (st.sampled_from(CHEAP_FNS) | st.sampled_from(HOSTILE_FNS) | any_text
-       | st.from_regex(r"[a-z_.]{1,20}:[a-z_.]{1,20}", fullmatch=True))
+fns = (
+    st.sampled_from(CHEAP_FNS)
+    | st.sampled_from(HOSTILE_FNS)
+    | any_text
+    | st.from_regex(r"[a-z_.]{1,20}:[a-z_.]{1,20}", fullmatch=True)
+)
 
 job_spec = st.fixed_dictionaries(
     {},
     optional={
         "fn": st.sampled_from(CHEAP_FNS) | field_value(fns),
         "args": field_value(st.lists(leaves, max_size=4)) | st.builds(lambda t: [t], big_text),
-        "kwargs": field_value(st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), leaves, max_size=3)),
+        "kwargs": field_value(
+            st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), leaves, max_size=3)
+        ),
         "timeout": field_value(st.floats(0.01, 2.0) | st.none()),
         "priority": field_value(st.integers(-1000, 1000)),
         "retries": field_value(st.integers(0, 2)),
-        "key": field_value(st.text(st.characters(exclude_categories=()), min_size=1, max_size=200)
-                           | st.text(min_size=199, max_size=202) | st.none()),
+        "key": field_value(
+            st.text(st.characters(exclude_categories=()), min_size=1, max_size=200)
+            | st.text(min_size=199, max_size=202)
+            | st.none()
+        ),
     },
 ) | st.dictionaries(any_text, json_values, max_size=4)
 hostile_values = json_values | st.sampled_from(RAW_NUMBERS).map(Raw) | deep | big_text
@@ -168,14 +297,23 @@ def near_valid_spec(draw: Any) -> dict[str, Any]:
     return spec
 
 
-wait_body = st.fixed_dictionaries({}, optional={
-    "ids": field_value(st.lists(any_text, max_size=5)),
-    "timeout": field_value(st.floats(0, 0.5)),
-    "all": field_value(st.booleans()),
-})
-json_bodies = (job_spec | near_valid_spec() | wait_body
-               | st.builds(lambda jobs: {"jobs": jobs}, st.lists(job_spec | near_valid_spec(), max_size=6))
-               | st.dictionaries(st.sampled_from(["jobs", "x"]), json_values, max_size=2) | json_values | deep)
+wait_body = st.fixed_dictionaries(
+    {},
+    optional={
+        "ids": field_value(st.lists(any_text, max_size=5)),
+        "timeout": field_value(st.floats(0, 0.5)),
+        "all": field_value(st.booleans()),
+    },
+)
+json_bodies = (
+    job_spec
+    | near_valid_spec()
+    | wait_body
+    | st.builds(lambda jobs: {"jobs": jobs}, st.lists(job_spec | near_valid_spec(), max_size=6))
+    | st.dictionaries(st.sampled_from(["jobs", "x"]), json_values, max_size=2)
+    | json_values
+    | deep
+)
 
 
 @st.composite
@@ -191,30 +329,82 @@ def bodies(draw: Any) -> bytes | None:
         return encode(draw(any_text))
     data = encode(dumps(draw(json_bodies), draw(st.booleans())))
     if kind == "mutated" and data:
-        data = bytearray(data)
+        buf = bytearray(data)
         for _ in range(draw(st.integers(1, 5))):
-            i = draw(st.integers(0, len(data) - 1))
+            i = draw(st.integers(0, len(buf) - 1))
             op = draw(st.sampled_from(["flip", "cut", "insert"]))
             if op == "flip":
-                data[i] = draw(st.integers(0, 255))
+                buf[i] = draw(st.integers(0, 255))
             elif op == "cut":
-                del data[i:i + draw(st.integers(1, 20))]
+                del buf[i : i + draw(st.integers(1, 20))]
             else:
-                data[i:i] = draw(st.sampled_from([b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\x00", b'"', b"\\",
-                                                  b"[", b"{", b"1e400", b"NaN", b"\\ud800"]))
-            if not data:
+                buf[i:i] = draw(
+                    st.sampled_from(
+                        [
+                            b"\xff",
+                            b"\xc0\x80",
+                            b"\xed\xa0\x80",
+                            b"\x00",
+                            b'"',
+                            b"\\",
+                            b"[",
+                            b"{",
+                            b"1e400",
+                            b"NaN",
+                            b"\\ud800",
+                        ]
+                    )
+                )
+            if not buf:
                 break
-        data = bytes(data)
+        data = bytes(buf)
     return data
 
 
-query_values = (st.sampled_from(["0", "1", "0.5", "60", "61", "-1", "1e400", "nan", "inf", "-inf", "",
-                                 "1000", "1001", "0x10", "\u00b2", "\u0663", "\u2167", "1_0", " 1",
-                                 "true", "false", "TRUE", "yes", "queued", "running", "succeeded",
-                                 "\x00", "%", "%zz", "%ff"])
-                | any_text | st.integers().map(str))
-query = st.lists(st.tuples(st.sampled_from(["wait", "limit", "state", "queued_only", "x", "wait", ""])
-                           | any_text, query_values), max_size=4)
+query_values = (
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "0.5",
+            "60",
+            "61",
+            "-1",
+            "1e400",
+            "nan",
+            "inf",
+            "-inf",
+            "",
+            "1000",
+            "1001",
+            "0x10",
+            "\u00b2",
+            "\u0663",
+            "\u2167",
+            "1_0",
+            " 1",
+            "true",
+            "false",
+            "TRUE",
+            "yes",
+            "queued",
+            "running",
+            "succeeded",
+            "\x00",
+            "%",
+            "%zz",
+            "%ff",
+        ]
+    )
+    | any_text
+    | st.integers().map(str)
+)
+query = st.lists(
+    st.tuples(
+        st.sampled_from(["wait", "limit", "state", "queued_only", "x", "wait", ""]) | any_text, query_values
+    ),
+    max_size=4,
+)
 
 
 def _quote(text: str) -> str:
@@ -224,8 +414,23 @@ def _quote(text: str) -> str:
 @st.composite
 def targets(draw: Any) -> str:
     path = draw(st.sampled_from(PATHS))
-    jid = draw(st.sampled_from(["0" * 32, "not-a-job", "..", "%2e%2e", "a" * 5000, "%ff%fe", "\u00e9",
-                                "%ED%A0%80", "%00", "'; DROP TABLE jobs; --"]) | any_text)
+    jid = draw(
+        st.sampled_from(
+            [
+                "0" * 32,
+                "not-a-job",
+                "..",
+                "%2e%2e",
+                "a" * 5000,
+                "%ff%fe",
+                "\u00e9",
+                "%ED%A0%80",
+                "%00",
+                "'; DROP TABLE jobs; --",
+            ]
+        )
+        | any_text
+    )
     if draw(st.booleans()):
         jid = _quote(jid)
     path = path.replace("{id}", jid).replace("{n}", draw(st.sampled_from(["0", "0.1", "x", "1e400"])))
@@ -236,15 +441,46 @@ def targets(draw: Any) -> str:
     return path
 
 
-header_names = st.sampled_from(["Content-Type", "Content-Encoding", "Accept", "Accept-Encoding",
-                                "Authorization", "Expect", "Connection", "Upgrade", "Cookie", "Range",
-                                "X-Forwarded-For", "Origin", "If-None-Match", "Accept-Charset"]) \
-    | st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,30}", fullmatch=True)
-header_values = st.sampled_from(CONTENT_TYPES + ["gzip", "deflate", "br", "zstd", "identity, gzip",
-                                                 "100-continue", "Upgrade", "websocket", "h2c", "close",
-                                                 "keep-alive", "Bearer", "Bearer x", "Basic Zm9vOmJhcg==",
-                                                 "bytes=0-1", "\u00e9\u00e9", "x" * 9000]) \
-    | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=60)
+header_names = st.sampled_from(
+    [
+        "Content-Type",
+        "Content-Encoding",
+        "Accept",
+        "Accept-Encoding",
+        "Authorization",
+        "Expect",
+        "Connection",
+        "Upgrade",
+        "Cookie",
+        "Range",
+        "X-Forwarded-For",
+        "Origin",
+        "If-None-Match",
+        "Accept-Charset",
+    ]
+) | st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,30}", fullmatch=True)
+header_values = st.sampled_from(
+    [
+        *CONTENT_TYPES,
+        "gzip",
+        "deflate",
+        "br",
+        "zstd",
+        "identity, gzip",
+        "100-continue",
+        "Upgrade",
+        "websocket",
+        "h2c",
+        "close",
+        "keep-alive",
+        "Bearer",
+        "Bearer x",
+        "Basic Zm9vOmJhcg==",
+        "bytes=0-1",
+        "\u00e9\u00e9",
+        "x" * 9000,
+    ]
+) | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
 
 
 @dataclass
@@ -293,8 +529,11 @@ def requests(draw: Any) -> Req:
         target = "/v1/jobs" if kind == "submit" else "/v1/jobs/batch"
         if draw(st.integers(0, 4)) == 0:
             target = draw(targets().filter(lambda t: t.startswith("/v1/jobs")))
-        spec = draw(near_valid_spec()) if kind == "submit" else \
-            {"jobs": draw(st.lists(near_valid_spec(), min_size=1, max_size=5))}
+        spec = (
+            draw(near_valid_spec())
+            if kind == "submit"
+            else {"jobs": draw(st.lists(near_valid_spec(), min_size=1, max_size=5))}
+        )
         body = encode(dumps(spec, draw(st.booleans())))
         method = draw(st.sampled_from(["POST"] * 12 + METHODS))
     headers: list[tuple[str, str]] = []
@@ -369,14 +608,15 @@ def _read_answer(s: socket.socket, head_only: bool) -> Answer:
             if size == 0:
                 return Answer(status, headers, out)
             out += buf[:size]
-            buf = buf[size + 2:]
+            buf = buf[size + 2 :]
     while chunk := s.recv(65536):
         buf += chunk
     return Answer(status, headers, buf)
 
 
-def send(port: int, data: bytes, head_only: bool = False, timeout: float = 15.0,
-         half_close: bool = False) -> Answer:
+def send(
+    port: int, data: bytes, head_only: bool = False, timeout: float = 15.0, half_close: bool = False
+) -> Answer:
     """Sends raw bytes on a new connection and reads one answer; Hang when none comes in time."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
@@ -421,12 +661,24 @@ class Tally:
     accepted_fns: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def problems(self) -> dict[str, list[str]]:
-        return {k: v for k, v in (("responses >= 500", self.server_errors), ("hangs", self.hangs),
-                                  ("invalid JSON answers", self.invalid_json),
-                                  ("error answers not in the contract's shape", self.bad_error_shape),
-                                  ("hostile fn accepted", [f for f in self.accepted_fns if f not in CHEAP_FNS
-                                                           and not f.startswith("service.demo:")]))
-                if v}
+        return {
+            k: v
+            for k, v in (
+                ("responses >= 500", self.server_errors),
+                ("hangs", self.hangs),
+                ("invalid JSON answers", self.invalid_json),
+                ("error answers not in the contract's shape", self.bad_error_shape),
+                (
+                    "hostile fn accepted",
+                    [
+                        f
+                        for f in self.accepted_fns
+                        if f not in CHEAP_FNS and not f.startswith("service.demo:")
+                    ],
+                ),
+            )
+            if v
+        }
 
     def merge(self, other: Tally) -> None:
         self.requests += other.requests
@@ -469,9 +721,12 @@ def judge(tally: Tally, req: Req, ans: Answer | None, hang: str | None = None) -
             else:
                 tally.invalid_json.append("(more)")
             doc = _lenient(ans.body)
-        if ans.status >= 400 and not (isinstance(doc, dict) and isinstance(doc.get("error"), dict)
-                                      and isinstance(doc["error"].get("code"), str)
-                                      and isinstance(doc["error"].get("message"), str)):
+        if ans.status >= 400 and not (
+            isinstance(doc, dict)
+            and isinstance(doc.get("error"), dict)
+            and isinstance(doc["error"].get("code"), str)
+            and isinstance(doc["error"].get("message"), str)
+        ):
             tally.bad_error_shape.append(f"{what} -> {ans.status} {ans.body[:300]!r}")
         if ans.status == 202 and isinstance(doc, dict):
             for job in doc.get("jobs", [doc]):
@@ -490,8 +745,10 @@ def _lenient(body: bytes) -> Any:
 def serves(port: int) -> bool:
     """Does the daemon answer a plain request on a new connection?"""
     try:
-        return send(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=10).status \
+        return (
+            send(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=10).status
             is not None
+        )
     except (OSError, Hang):
         return False
 
@@ -502,8 +759,13 @@ def fire(port: int, req: Req, tally: Tally, timeout: float = 15.0) -> None:
     other connections too."""
     data = req.render(port)
     try:
-        ans = send(port, data, head_only=data.startswith(b"HEAD "), timeout=1.5 if req.raw else timeout,
-                   half_close=req.framing == "wrong")
+        ans = send(
+            port,
+            data,
+            head_only=data.startswith(b"HEAD "),
+            timeout=1.5 if req.raw else timeout,
+            half_close=req.framing == "wrong",
+        )
     except Hang as e:
         if req.raw is not None and serves(port):
             tally.requests += 1
@@ -518,9 +780,24 @@ def fire(port: int, req: Req, tally: Tally, timeout: float = 15.0) -> None:
     judge(tally, req, ans)
 
 
-_SPLICE = [b"\r\n", b"\r\n\r\n", b"\x00", b"\xff", b" ", b":", b"%", b"?", b"/../", b"Transfer-Encoding: chunked\r\n",
-           b"Content-Length: 99999999999999999999\r\n", b"Content-Length: -1\r\n", b"\n", b"HTTP/1.1",
-           b"Expect: 100-continue\r\n", b"Content-Encoding: gzip\r\n"]
+_SPLICE = [
+    b"\r\n",
+    b"\r\n\r\n",
+    b"\x00",
+    b"\xff",
+    b" ",
+    b":",
+    b"%",
+    b"?",
+    b"/../",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Content-Length: 99999999999999999999\r\n",
+    b"Content-Length: -1\r\n",
+    b"\n",
+    b"HTTP/1.1",
+    b"Expect: 100-continue\r\n",
+    b"Content-Encoding: gzip\r\n",
+]
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -534,21 +811,27 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         if op < 0.3:
             out[i] = rng.randrange(256)
         elif op < 0.5:
-            del out[i:i + rng.randint(1, 16)]
+            del out[i : i + rng.randint(1, 16)]
         elif op < 0.8:
             out[i:i] = rng.choice(_SPLICE)
         else:
-            out[i:i] = out[rng.randrange(len(out)):][:rng.randint(1, 64)]
+            out[i:i] = out[rng.randrange(len(out)) :][: rng.randint(1, 64)]
     return bytes(out)
 
 
 def fuzz(port: int, examples: int, tally: Tally, seed: int | None = None, mutations: int = 0) -> None:
     """Sends `examples` generated requests, each followed by `mutations` byte-level mutations of
     it (no shrinking: problems are noted, not raised)."""
-    rng = random.Random(seed)
+    rng = random.Random(0 if seed is None else seed)  # derandomized runs mutate the same way too
 
-    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=seed is None)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        derandomize=seed is None,
+    )
     @given(req=requests())
     def one(req: Req) -> None:
         fire(port, req, tally)
@@ -566,8 +849,9 @@ def fuzz(port: int, examples: int, tally: Tally, seed: int | None = None, mutati
 # -- after the fuzzing: is every accepted job there, and does the daemon still work?
 
 
-def call(port: int, method: str, path: str, body: Any = None, timeout: float = 30,
-         token: str | None = None) -> tuple[int, Any]:
+def call(
+    port: int, method: str, path: str, body: Any = None, timeout: float = 30, token: str | None = None
+) -> tuple[int, Any]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     headers = {"Content-Type": "application/json"}
     if token:
@@ -594,22 +878,20 @@ def real_job_runs(port: int, token: str | None = None) -> tuple[bool, Any]:
 
 
 def lost_jobs(port: int, ids: list[str], settle: float = 30.0, token: str | None = None) -> list[str]:
-    """Accepted jobs that are missing or never final (those still queued after `settle` seconds
-    are cancelled first: cancelled is final)."""
-    final = ("succeeded", "failed", "timed_out", "cancelled")
+    """Accepted jobs that are missing, or not final after `settle` seconds (those are then
+    cancelled, to leave nothing behind, but still reported)."""
     end = time.monotonic() + settle
     pending = list(dict.fromkeys(ids))
     while pending and time.monotonic() < end:
         status, body = call(port, "POST", "/v1/jobs/wait", {"ids": pending[:5000], "timeout": 1}, token=token)
         done = {j["id"] for j in body["jobs"]} if status == 200 else set()
         pending = [i for i in pending if i not in done]
-    for jid in pending:
-        call(port, "DELETE", f"/v1/jobs/{jid}", token=token)
     lost = []
-    for jid in dict.fromkeys(ids):
+    for jid in pending:
         status, job = call(port, "GET", f"/v1/jobs/{jid}", token=token)
-        if status != 200 or job.get("state") not in final:
-            lost.append(f"{jid}: {status} {job}")
+        state = job.get("state") if isinstance(job, dict) else None
+        lost.append(f"{jid}: {status}, {state or job} after {settle:g} s")
+        call(port, "DELETE", f"/v1/jobs/{jid}", token=token)
     return lost
 
 
@@ -622,9 +904,14 @@ def log_tracebacks(text: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"bad_http": [], "client_gone": [], "other": []}
     for m in re.finditer(r"Traceback \(most recent call last\)", text):
         nxt = _RECORD.search(text, m.end())
-        block = text[max(0, text.rfind("\n", 0, m.start() - 1)):nxt.start() if nxt else len(text)]
-        kind = "bad_http" if "aiohttp.http_exceptions." in block else \
-            "client_gone" if "ConnectionResetError" in block and "readany" in block else "other"
+        block = text[max(0, text.rfind("\n", 0, m.start() - 1)) : nxt.start() if nxt else len(text)]
+        kind = (
+            "bad_http"
+            if "aiohttp.http_exceptions." in block
+            else "client_gone"
+            if "ConnectionResetError" in block and "readany" in block
+            else "other"
+        )
         out[kind].append(block.strip()[:3000])
     return out
 
@@ -642,10 +929,14 @@ def _proc_main(port: int, examples: int, seed: int, mutations: int, out: Any) ->
 
 def _start_daemon(tmp: Path) -> tuple[int, subprocess.Popen[bytes], Path]:
     port = free_port()
-    cfg = {"server": {"port": port}, "pool": {"workers": 2},
-           "jobs": {"allow": ALLOW, "default_timeout": 1.0, "max_timeout": 2.0},
-           "store": {"path": str(tmp / "fuzz.db")},
-           "supervisor": {"interval": 0.5, "kill_grace": 1.0, "shutdown_grace": 5.0}, "log": {"level": "info"}}
+    cfg: dict[str, dict[str, Any]] = {
+        "server": {"port": port},
+        "pool": {"workers": 2},
+        "jobs": {"allow": ALLOW, "default_timeout": 1.0, "max_timeout": 2.0},
+        "store": {"path": str(tmp / "fuzz.db")},
+        "supervisor": {"interval": 0.5, "kill_grace": 1.0, "shutdown_grace": 5.0},
+        "log": {"level": "info"},
+    }
     lines = []
     for sec, vals in cfg.items():
         lines.append(f"[{sec}]")
@@ -655,8 +946,14 @@ def _start_daemon(tmp: Path) -> tuple[int, subprocess.Popen[bytes], Path]:
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     log = tmp / "daemon.log"
     with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--config", str(tmp / "poold.toml")],
-                                env=env, cwd=str(tmp), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--config", str(tmp / "poold.toml")],
+            env=env,
+            cwd=str(tmp),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     end = time.monotonic() + 60
     while time.monotonic() < end:
         with contextlib.suppress(OSError):
@@ -669,12 +966,57 @@ def _start_daemon(tmp: Path) -> tuple[int, subprocess.Popen[bytes], Path]:
     raise RuntimeError(f"the daemon did not start; see {log}")
 
 
+def _schemathesis(port: int, seconds: float, seed: int, work: Path) -> tuple[int, str]:
+    """Runs the schemathesis CLI against the daemon's /openapi.json for `seconds`; (exit status,
+    its summary lines, or the tail of its output when it failed)."""
+    exe = Path(sys.executable).with_name("schemathesis")
+    if not exe.exists():
+        return 0, "not installed: skipped"
+    proc = subprocess.run(
+        [
+            str(exe),
+            "--no-color",
+            "run",
+            f"http://127.0.0.1:{port}/openapi.json",
+            "--checks",
+            "not_a_server_error,response_schema_conformance,content_type_conformance,status_code_conformance",
+            "--max-time",
+            str(int(seconds)),
+            "--request-timeout",
+            "70",  # above the longest long-poll it may ask for (?wait=60)
+            "--seed",
+            str(seed),
+            "--generation-database",
+            "none",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=seconds * 3 + 600,
+        env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+    )
+    out = proc.stdout + proc.stderr
+    summary = [line.strip() for line in out.splitlines() if "generated" in line or "issues" in line.lower()]
+    return proc.returncode, "; ".join(summary) if proc.returncode == 0 else out[-4000:]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--procs", type=int, default=4)
-    ap.add_argument("--mutations", type=int, default=4,
-                    help="byte-level mutations sent after each generated request (default 4)")
+    ap.add_argument(
+        "--mutations",
+        type=int,
+        default=4,
+        help="byte-level mutations sent after each generated request (default 4)",
+    )
+    ap.add_argument(
+        "--schemathesis",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then run schemathesis against /openapi.json for this long (0: not at all)",
+    )
     ap.add_argument("--quick", action="store_true", help="5,000 requests")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     a = ap.parse_args(argv)
@@ -687,8 +1029,10 @@ def main(argv: list[str] | None = None) -> int:
             ctx = multiprocessing.get_context("spawn")
             out = ctx.Queue()
             per = -(-a.requests // (a.procs * (1 + a.mutations)))  # generated requests per process
-            procs = [ctx.Process(target=_proc_main, args=(port, per, a.seed + i, a.mutations, out))
-                     for i in range(a.procs)]
+            procs = [
+                ctx.Process(target=_proc_main, args=(port, per, a.seed + i, a.mutations, out))
+                for i in range(a.procs)
+            ]
             for p in procs:
                 p.start()
             tally = Tally()
@@ -697,8 +1041,11 @@ def main(argv: list[str] | None = None) -> int:
             for p in procs:
                 p.join()
             seconds = time.monotonic() - t0
+            st_rc, st_summary = (
+                _schemathesis(port, a.schemathesis, a.seed, Path(tmp)) if a.schemathesis else (0, "")
+            )
             healthy = call(port, "GET", "/health")[0] == 200
-            runs, job = real_job_runs(port)
+            runs, _ = real_job_runs(port)
             lost = lost_jobs(port, tally.accepted)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -711,28 +1058,36 @@ def main(argv: list[str] | None = None) -> int:
         tbs = log_tracebacks(text)
         other = tbs["other"]
         tracebacks = len(other)
-        print(f"requests tried:          {tally.requests} in {seconds:.0f} s (seed {a.seed}, {a.procs} procs)")
+        print(
+            f"requests tried:          {tally.requests} in {seconds:.0f} s (seed {a.seed}, {a.procs} procs)"
+        )
         print(f"statuses:                {dict(sorted(tally.statuses.items()))}")
         print(f"responses >= 500:        {len(tally.server_errors)}")
         print(f"hangs:                   {len(tally.hangs)}")
         print(f"closed without answer:   {len(tally.no_answer)} (malformed requests may get none)")
-        print(f"left incomplete:         {tally.incomplete} (mutations the server waits to see the end of,"
-              " serving others)")
+        print(
+            f"left incomplete:         {tally.incomplete} (mutations the server waits to see the end of,"
+            " serving others)"
+        )
         print(f"invalid JSON answers:    {len(tally.invalid_json)}")
         print(f"bad error shapes:        {len(tally.bad_error_shape)}")
         print(f"jobs accepted:           {len(set(tally.accepted))} {dict(tally.accepted_fns)}")
         print(f"jobs lost:               {len(lost)}")
         print(f"healthy afterwards:      {healthy}; a real job ran: {runs}")
-        print(f"tracebacks in the log:   {tracebacks}, and {len(tbs['bad_http'])} for malformed HTTP messages,"
-              f" {len(tbs['client_gone'])} for clients gone mid-body (logged as errors);"
-              f" exit status after SIGTERM: {rc}")
+        print(
+            f"tracebacks in the log:   {tracebacks}, and {len(tbs['bad_http'])} for malformed HTTP messages,"
+            f" {len(tbs['client_gone'])} for clients gone mid-body (logged as errors);"
+            f" exit status after SIGTERM: {rc}"
+        )
+        if a.schemathesis:
+            print(f"schemathesis:            exit status {st_rc}; {st_summary}")
         for kind, samples in tally.problems().items():
             print(f"\n{kind}: {len(samples)}; samples:")
             for s in dict.fromkeys(samples[:8]):
                 print("  ", s[:600])
         for tb in list(dict.fromkeys(other))[:3]:
             print("\na traceback in the log:\n" + tb)
-        bad = tally.problems() or lost or not healthy or not runs or tracebacks or rc != 0
+        bad = tally.problems() or lost or not healthy or not runs or tracebacks or rc != 0 or st_rc != 0
         return 1 if bad else 0
 
 

@@ -171,7 +171,9 @@ def main() -> None:
             time.sleep(0.05)
         sample: list[str] = []
         batches: list[tuple[int, int, float]] = []  # (jobs submitted before, jobs in it, seconds)
+        daemon_proc = psutil.Process(proc.pid)
         snaps = [snapshot()]  # before each batch, and after the last: what neighbours used
+        written = [daemon_proc.io_counters().write_chars]  # bytes the daemon wrote (WAL, db), likewise
         lat_shallow: dict[str, float] = {}
         submitted = 0
         t_start = time.perf_counter()
@@ -188,6 +190,7 @@ def main() -> None:
                 batches.append((submitted, k, dt))
                 submitted += k
                 snaps.append(snapshot())
+                written.append(daemon_proc.io_counters().write_chars)
                 if not lat_shallow and submitted >= shallow:
                     lat_shallow = latencies(c, sample)
                 if time.perf_counter() >= next_report or submitted == a.jobs:
@@ -201,13 +204,17 @@ def main() -> None:
         status, health = c.call("GET", "/health")
         queued_deep = health["queued"]
 
-        def rate_of(lo: int, hi: int) -> tuple[float, float]:
-            """Jobs/s of the batches in [lo, hi), and the cores neighbours used meanwhile."""
+        def rate_of(lo: int, hi: int) -> tuple[float, float, float]:
+            """Jobs/s of the batches in [lo, hi), the cores neighbours used meanwhile, and the bytes
+            the daemon wrote per job (its store's write amplification)."""
             idx = [i for i, b in enumerate(batches) if lo <= b[0] < hi]
-            rate = sum(batches[i][1] for i in idx) / sum(batches[i][2] for i in idx)
-            return rate, others_between(snaps[idx[0]], snaps[idx[-1] + 1])
+            jobs = sum(batches[i][1] for i in idx)
+            rate = jobs / sum(batches[i][2] for i in idx)
+            per_job = (written[idx[-1] + 1] - written[idx[0]]) / jobs
+            return rate, others_between(snaps[idx[0]], snaps[idx[-1] + 1]), per_job
 
-        (first, others_first), (last, others_last) = rate_of(0, window), rate_of(a.jobs - window, a.jobs)
+        first, others_first, wr_first = rate_of(0, window)
+        last, others_last, wr_last = rate_of(a.jobs - window, a.jobs)
         rss_submit_peak = rss.peak
         # drain: cancel the blocker, let the worker eat the queue
         status, _ = c.call("DELETE", f"/v1/jobs/{blocker['id']}")
@@ -248,6 +255,8 @@ def main() -> None:
     print(f"  submit rate: first {window:,} {first:,.0f} jobs/s (other programs used {others_first:.2f}"
           f" cores), last {window:,} {last:,.0f} jobs/s (others {others_last:.2f} cores);"
           f" queue depth at the end {queued_deep:,}")
+    print(f"  bytes the daemon wrote per job submitted: first {window:,} {wr_first / 1024:.1f} KiB,"
+          f" last {window:,} {wr_last / 1024:.1f} KiB")
     print(f"  whole submission: {a.jobs / sum(b[2] for b in batches):,.0f} jobs/s; {nb_submit.note()}")
     print(f"  daemon RSS: peak {rss.peak:.1f} MiB (while submitting {rss_submit_peak:.1f}), tree peak"
           f" {max(s[2] for s in rss.samples):.1f} MiB, {len(rss.samples)} samples")

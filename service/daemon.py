@@ -167,6 +167,9 @@ async def _serve(cfg: Config) -> int:
         # may hold the forkserver's pipe, so they go before it
         await asyncio.to_thread(supervisor.end_tagged, tag, ctx.cfg.supervisor.kill_grace,
                                 scheduler.pool.helper_pids())
+        # and any child of ours but multiprocessing's helpers (re-parented orphans, tag or not)
+        leftovers = supervisor.find_leftovers(scheduler.pool.helper_pids(), {}, {})
+        await asyncio.to_thread(supervisor.sweep, leftovers, ctx.cfg.supervisor.kill_grace)
         await scheduler.pool.stop_helpers()
         await store.committed()
         store.close()

@@ -16,7 +16,9 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,17 +38,35 @@ BatchEndHandler = Callable[["Slot", list[Claimed], BaseException | None], None]
 
 
 def _stop_helpers() -> None:
-    """Ends multiprocessing's forkserver and resource tracker, so no process outlives the daemon."""
+    """Ends multiprocessing's forkserver and resource tracker, so no process outlives the daemon.
+
+    Each is told to stop (its pipe closed); one that a leftover keeps alive (a process holding a
+    copy of that pipe) gets SIGKILL after a second rather than hanging the shutdown."""
     from multiprocessing import forkserver, resource_tracker
 
-    for helper in (getattr(forkserver, "_forkserver", None),
-                   getattr(resource_tracker, "_resource_tracker", None)):
-        stop = getattr(helper, "_stop", None)
-        if stop is not None:
-            try:
-                stop()
-            except (OSError, AttributeError):
-                pass
+    for obj, attr in ((getattr(forkserver, "_forkserver", None), "_forkserver_pid"),
+                      (getattr(resource_tracker, "_resource_tracker", None), "_pid")):
+        pid = getattr(obj, attr, None)
+        stop = getattr(obj, "_stop", None)
+        if stop is None:
+            continue
+        if isinstance(pid, int):
+            killer = threading.Timer(1.0, _kill_quietly, (pid,))
+            killer.daemon = True
+            killer.start()
+        try:
+            stop()
+        except (OSError, AttributeError):
+            pass
+        if isinstance(pid, int):
+            killer.cancel()
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 class _FrameReader:

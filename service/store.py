@@ -226,6 +226,7 @@ class Store:
     # -- the queue
     def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
         """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
+        self._flush()
         rows = self._d.rw.execute(
             "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts, priority, key, created_at"
             " FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
@@ -311,6 +312,7 @@ class Store:
 
     def recover(self) -> tuple[int, int]:
         """At start: running jobs of a previous instance are retried, or failed as interrupted."""
+        self._flush()
         err = json.dumps({"type": "interrupted", "message": "the daemon stopped while the job ran",
                           "exception": None, "traceback": None})
         retried = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE state = 'running'"
@@ -390,6 +392,7 @@ class Store:
 
     # -- process records (a previous instance's leftovers)
     def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+        self._flush()
         self._write("DELETE FROM processes")
         for pid, ctime, role in procs:
             self._write("INSERT OR REPLACE INTO processes VALUES (?, ?, ?)", (pid, ctime, role))

@@ -14,6 +14,7 @@ import time
 
 from service import supervisor, systemd
 from service.api import Context, health_reasons
+from service.store import StoreError
 
 log = logging.getLogger("poold.watch")
 
@@ -47,6 +48,8 @@ class Watch:
                 self._expire()
                 self._record_processes()
                 self._report_status()
+            except StoreError:
+                pass  # the store has said so already (once); the backlog is retried next round
             except Exception:  # a failed round must not end supervision: log it and go on
                 log.exception("housekeeping round failed")
 

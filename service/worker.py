@@ -27,6 +27,7 @@ JobTuple = tuple[str, str, str, str]
 _events: Any = None  # multiprocessing Connection: worker -> daemon
 _control: Any = None  # multiprocessing Connection: daemon -> worker (cancelled ids)
 _cancelled: set[str] = set()
+_lifeline: list[Any] = []  # the read end of the daemon's lifeline pipe: readable (EOF) once it died
 _functions: dict[str, Any] = {}
 _JOB_VAR = "POOLD_JOB_ID"  # service.supervisor.JOB_VAR (not imported: workers stay small)
 
@@ -56,6 +57,7 @@ def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _events, _control = events, control
+    _lifeline.append(lifeline)
     _channel.send = events.send
     threading.Thread(target=_watch_daemon, args=(lifeline,), name="poold-lifeline", daemon=True).start()
     for mod in preload:
@@ -175,7 +177,10 @@ def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -
     send = _events.send
     done = 0
     ended: tuple[Any, ...] | None = None
+    daemon_gone = _lifeline[0].poll if _lifeline else (lambda: False)
     for job in jobs:
+        if daemon_gone():  # EOF on the lifeline: the daemon is gone, start nothing more
+            break
         _take_cancels()
         jid = job[0]
         if jid in _cancelled:
