@@ -55,8 +55,8 @@ def round_trips(port: int, n: int) -> list[float]:
     out = []
     for i in range(n):
         t = time.perf_counter()
-        status, job = c.call("POST", "/v1/jobs", {"fn": "bench.jobs:noop", "args": [i]})
-        status, job = c.call("GET", f"/v1/jobs/{job['id']}?wait=10")
+        _, job = c.call("POST", "/v1/jobs", {"fn": "bench.jobs:noop", "args": [i]})
+        _, job = c.call("GET", f"/v1/jobs/{job['id']}?wait=10")
         out.append(time.perf_counter() - t)
         assert job["state"] == "succeeded", job
     c.close()
@@ -93,7 +93,8 @@ def main() -> None:
     workers_uss = sum(v for k, v in mem.items() if k.startswith("poold: worker"))
     print(f"idle USS: daemon {mem['daemon']:.1f} MiB + workers {workers_uss:.1f} MiB"
           f" = {mem['daemon'] + workers_uss:.1f} MiB"
-          f" (forkserver {mem.get('forkserver', 0):.1f}, resource tracker {mem.get('resource_tracker', 0):.1f})")
+          f" (forkserver {mem.get('forkserver', 0):.1f},"
+          f" resource tracker {mem.get('resource_tracker', 0):.1f})")
 
 
 if __name__ == "__main__":
