@@ -108,6 +108,12 @@ def iso(t: float | None) -> str | None:
     return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"
 
 
+def _new_id() -> str:
+    """32 hex digits, time-ordered (nanoseconds, then random): inserts land at the end of the id
+    index instead of on a random page, so submitting stays fast however many jobs are kept."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
 def _t(t: float | None) -> str:
     return "null" if t is None else f'"{iso(t)}"'
 
@@ -212,7 +218,7 @@ class Store:
                     out.append((existing[1], job_json(existing), False))
                     continue
                 by_key[j.key] = len(out)
-            jid = os.urandom(16).hex()
+            jid = _new_id()
             args, kwargs = j.args, j.kwargs
             rows.append((jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
             out.append((jid, job_json((0, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout,
@@ -229,7 +235,7 @@ class Store:
         self._flush()
         rows = self._d.rw.execute(
             "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts, priority, key, created_at"
-            " FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
+            " FROM jobs INDEXED BY jobs_queue WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
             (limit + len(skip),)).fetchall()
         out = []
         for row in rows:
