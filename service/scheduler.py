@@ -78,7 +78,7 @@ class Scheduler:
         self.cancelled_pending: set[str] = set()
         self.waiters: dict[str, list[_Waiter]] = {}
         self.stats = _Stats()
-        self._timers: dict[Slot, asyncio.TimerHandle] = {}
+        self._timers: dict[Slot, tuple[float, asyncio.Handle]] = {}
         self.accepting = True  # False while draining: nothing new starts
         self._kicked = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -183,13 +183,15 @@ class Scheduler:
 
     def _arm(self, slot: Slot, when: float) -> None:
         """One deadline timer per slot, not one per job: short jobs end long before it fires."""
-        timer = self._timers.get(slot)
-        if timer is not None and timer.when() <= when:
+        armed = self._timers.get(slot)
+        if armed is not None and armed[0] <= when:
             return
-        if timer is not None:
-            timer.cancel()
+        if armed is not None:
+            armed[1].cancel()
         assert self.loop is not None
-        self._timers[slot] = self.loop.call_at(when, self._deadline, slot)
+        # the deadline is kept beside the handle: for a time already past uvloop returns a plain
+        # Handle, which has no when()
+        self._timers[slot] = (when, self.loop.call_at(when, self._deadline, slot))
 
     def _deadline(self, slot: Slot) -> None:
         self._timers.pop(slot, None)
