@@ -289,6 +289,17 @@ async def openapi_document(request: web.Request) -> web.Response:
     return _json(openapi.document(request.app[CTX].version))
 
 
+async def _no_route(request: web.Request) -> web.Response:
+    for resource in request.app.router.resources():
+        if resource.canonical == "/{tail}":
+            continue
+        _, allowed = await resource.resolve(request)
+        if allowed:
+            raise ApiError(405, "method_not_allowed",
+                           f"{request.method} is not allowed here (allowed: {', '.join(sorted(allowed))})")
+    raise ApiError(404, "not_found", f"no such path: {request.path[:200]}")
+
+
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """`Expect: 100-continue` is honoured; any other expectation gets a JSON 417 (aiohttp's own
     answer fails on a header that is not UTF-8)."""
@@ -304,11 +315,14 @@ def make_app(ctx: Context) -> web.Application:
     app.router.add_post("/v1/jobs", submit, expect_handler=_expect)
     app.router.add_post("/v1/jobs/batch", submit_batch, expect_handler=_expect)
     app.router.add_post("/v1/jobs/wait", wait_jobs, expect_handler=_expect)
-    app.router.add_get("/v1/jobs", list_jobs, allow_head=False)
-    app.router.add_get("/v1/jobs/{id}", get_job, allow_head=False)
-    app.router.add_delete("/v1/jobs/{id}", cancel_job)
-    app.router.add_get("/v1/workers", workers, allow_head=False)
-    app.router.add_get("/health", health, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
-    app.router.add_get("/openapi.json", openapi_document, allow_head=False)
+    app.router.add_get("/v1/jobs", list_jobs, allow_head=False, expect_handler=_expect)
+    app.router.add_get("/v1/jobs/{id}", get_job, allow_head=False, expect_handler=_expect)
+    app.router.add_delete("/v1/jobs/{id}", cancel_job, expect_handler=_expect)
+    app.router.add_get("/v1/workers", workers, allow_head=False, expect_handler=_expect)
+    app.router.add_get("/health", health, allow_head=False, expect_handler=_expect)
+    app.router.add_get("/metrics", metrics, allow_head=False, expect_handler=_expect)
+    app.router.add_get("/openapi.json", openapi_document, allow_head=False, expect_handler=_expect)
+    # last: unknown paths (404) and known paths with another method (405), as JSON, with our
+    # Expect handling (aiohttp's own answers fail on a header that is not UTF-8)
+    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=_expect)
     return app
