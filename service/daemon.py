@@ -21,9 +21,10 @@ from aiohttp import web
 
 import service
 from service import config as config_mod
-from service import logs, spec, supervisor, systemd
+from service import ledger, logs, spec, supervisor, systemd
 from service.api import Context, make_app
 from service.config import Config, ConfigError
+from service.http import Runner
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.store import Store
@@ -77,7 +78,7 @@ def _warn_loose_token_file(path: str) -> None:
 @asynccontextmanager
 async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[str]]:
     """Binds the sockets (activated ones first) and serves the app; yields where it listens."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = Runner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     where = []
     try:
@@ -135,8 +136,9 @@ async def _serve(cfg: Config) -> int:
     ended = supervisor.end_previous(recorded, cfg.supervisor.kill_grace)
     if ended:
         log.warning("ended %d processes left by a previous instance", ended)
-    retried, failed = store.recover()
+    retried, failed = store.recover(ledger.read(cfg.store.path))
     await store.committed()
+    ledger.clear(cfg.store.path)
     if retried or failed:
         log.warning("recovered from an unclean stop: %d running jobs requeued, %d failed as interrupted",
                     retried, failed)

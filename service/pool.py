@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from service import supervisor, worker
+from service import ledger, supervisor, worker
 from service.config import PoolConfig
 from service.store import Claimed
 
@@ -156,8 +156,10 @@ class Pool:
     """Starts, replaces and kills slots; forwards worker events to the scheduler."""
 
     def __init__(self, cfg: PoolConfig, on_events: EventHandler, on_batch_end: BatchEndHandler,
-                 on_ready: Callable[[Slot], None], on_restart: Callable[[str], None]) -> None:
+                 on_ready: Callable[[Slot], None], on_restart: Callable[[str], None],
+                 ledger_base: str | None = None) -> None:
         self.cfg = cfg
+        self.ledger = ledger_base  # the store's path: workers keep their start rings beside it
         self.ctx = multiprocessing.get_context(cfg.start_method)
         if cfg.start_method == "forkserver":
             # workers fork from a server that has already imported what they need: fast and shared
@@ -208,7 +210,8 @@ class Pool:
             inherited += (self._lifeline_w.fileno(), events_r.fileno(), control_w.fileno())
         executor = ProcessPoolExecutor(
             1, mp_context=self.ctx, initializer=worker.init,
-            initargs=(slot.n, events_w, control_r, self._lifeline_r, self.cfg.preload, inherited))
+            initargs=(slot.n, events_w, control_r, self._lifeline_r, self.cfg.preload, inherited,
+                      ledger.path(self.ledger, slot.n) if self.ledger else None))
         slot.executor, slot.events, slot.control = executor, events_r, control_w
         try:
             hello = executor.submit(worker.hello)  # starts the process: the pipe ends are now its own
@@ -257,7 +260,7 @@ class Pool:
 
     def submit(self, slot: Slot, batch: list[Claimed], max_result_bytes: int) -> None:
         assert slot.executor is not None
-        jobs = [(c.id, c.fn, c.args, c.kwargs) for c in batch]
+        jobs = [(c.id, c.fn, c.args, c.kwargs, c.seq, c.attempts) for c in batch]
         fut: Future[int] = slot.executor.submit(worker.run_batch, jobs, max_result_bytes,
                                                 self.cfg.max_memory_mb)
         slot.batches.append(batch)

@@ -71,7 +71,8 @@ class Scheduler:
         self.store = store
         self.metrics = metrics
         self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick(),
-                         lambda why: metrics.worker_restarts.labels(why).inc())
+                         lambda why: metrics.worker_restarts.labels(why).inc(),
+                         None if store.path == ":memory:" else store.path)
         # handed to a worker (in this batch of that slot), not ended
         self.dispatched: dict[str, tuple[Slot, list[Claimed]]] = {}
         self.running: dict[str, Running] = {}  # started, not ended

@@ -316,9 +316,18 @@ class Store:
             self.queued -= 1
         return str(row[0])
 
-    def recover(self) -> tuple[int, int]:
-        """At start: running jobs of a previous instance are retried, or failed as interrupted."""
+    def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
+        """At start: running jobs of a previous instance are retried, or failed as interrupted.
+
+        `started` (service.ledger.read) holds the attempts workers began: one the store still has
+        as queued, with the same attempt count, ran unrecorded and counts as running too.
+        """
         self._flush()
+        if started:
+            self._d.write_many(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?"
+                " WHERE seq = ? AND state = 'queued' AND attempts = ?",
+                [(t, seq, attempts) for seq, (attempts, t) in started.items()])
         err = json.dumps({"type": "interrupted", "message": "the daemon stopped while the job ran",
                           "exception": None, "traceback": None})
         retried = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE state = 'running'"

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 
 import psutil
 
@@ -107,6 +108,7 @@ _SLACK = 0.05  # create times are kept in clock ticks: allow for their rounding
 
 
 JOB_VAR = "POOLD_JOB_ID"  # set in a worker's environment for each job: exec'd children carry it
+_JOB_PREFIX = f"{JOB_VAR}=".encode()
 
 
 def job_of(p: psutil.Process) -> str | None:
@@ -172,12 +174,8 @@ def _young(p: psutil.Process, since: float | None) -> bool:
 
 def children(pid: int) -> list[psutil.Process]:
     """pid's children from /proc/PID/task/*/children (cheap), else through psutil."""
-    pids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                pids += [int(x) for x in f.read().split()]
-    except OSError:
+    pids = _child_pids(pid)
+    if not pids and not os.path.exists(f"/proc/{pid}/task"):
         try:
             return psutil.Process(pid).children()
         except psutil.Error:
@@ -275,13 +273,85 @@ def end_previous(recorded: list[tuple[int, float, str]], grace: float) -> int:
     return len(unique)
 
 
-def sweep(procs: list[psutil.Process], grace: float) -> None:
-    """Ends leftover processes (with their own children), logging each."""
+def sweep(procs: list[psutil.Process], grace: float, jobs: set[str] | None = None,
+          parents: tuple[int, ...] = ()) -> None:
+    """Ends leftover processes (with their own children), logging each; then chases what the
+    same jobs (and `jobs`) keep starting, among this daemon's children and `parents`' (workers)."""
     tree: list[psutil.Process] = []
+    chased = set(jobs or ())
     for p in procs:
         try:
             log.warning("ending leftover process %d (%s)", p.pid, " ".join(p.cmdline())[:80])
         except psutil.Error:
             continue
+        if (jid := job_of(p)) is not None:
+            chased.add(jid)
         tree.extend(_tree(p.pid))
     _end(tree, grace)
+    if chased:
+        n = chase(chased, 0.0 if tree else grace, (os.getpid(), *parents))
+        if n:
+            log.warning("ended %d short-lived leftover processes of job(s) %s", n, ", ".join(sorted(chased)))
+
+
+def stray_jobs(known: set[int], running: set[str], parents: tuple[int, ...]) -> set[str]:
+    """Ended jobs whose processes still run as children of this daemon or of `parents` (workers).
+    A raw scan of /proc: quick enough to see a process that lives a millisecond (one that keeps
+    replacing itself by a fork)."""
+    out = set()
+    for pid in (c for parent in (os.getpid(), *parents) for c in _child_pids(parent)):
+        if pid not in known and (jid := _job_var(pid)) is not None and jid not in running:
+            out.add(jid)
+    return out
+
+
+def _job_var(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return None
+    for item in env.split(b"\0"):
+        if item.startswith(_JOB_PREFIX):
+            return item[len(_JOB_PREFIX):].decode("utf-8", "replace")
+    return None
+
+
+def chase(jobs: set[str], grace: float, parents: tuple[int, ...], quiet: float = 0.05,
+          limit: float = 3.0) -> int:
+    """Signals the children of `parents` (this daemon, its workers) that carry one of `jobs`
+    (ended jobs) as fast as they appear, until none has for `quiet` seconds; returns how many.
+
+    A process that keeps replacing itself by a fresh fork lives a millisecond: a sweep only ever
+    finds its dead predecessor, whose successor re-parents to the nearest subreaper. Each gets
+    SIGTERM while the jobs' grace lasts, SIGKILL after. A raw kill by pid is safe enough: a child
+    keeps its pid until its parent reaps it.
+    """
+    hit: set[int] = set()
+    start = last = time.monotonic()
+    while (now := time.monotonic()) - last < quiet and now - start < grace + limit:
+        sig = signal.SIGTERM if now - start < grace else signal.SIGKILL
+        for pid in (c for parent in parents for c in _child_pids(parent)):
+            if _job_var(pid) not in jobs:
+                continue
+            last = time.monotonic()
+            if sig == signal.SIGTERM and pid in hit:
+                continue
+            try:
+                os.kill(pid, sig)
+                hit.add(pid)
+            except OSError:
+                pass
+        time.sleep(0.0005)
+    return len(hit)
+
+
+def _child_pids(pid: int) -> list[int]:
+    pids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                pids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return pids

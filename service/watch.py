@@ -23,6 +23,7 @@ class Watch:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._ending: set[int] = set()  # leftovers being ended right now
+        self._chasing: set[str] = set()  # ended jobs whose processes are being chased (supervisor.chase)
         self._recorded: frozenset[int] = frozenset()
         self._status = ""
         self._last_expire = 0.0
@@ -61,16 +62,21 @@ class Watch:
         workers = {s.pid: s.current for s in pool.slots.values() if s.pid is not None}
         running = {jid: r.started_at for jid, r in sched.running.items()}
         orphans = [p for p in supervisor.find_leftovers(known, workers, running) if p.pid not in self._ending]
-        if not orphans:
+        parents = tuple(workers)
+        stray = supervisor.stray_jobs(known, set(running) | set(sched.dispatched), parents) - self._chasing
+        if not orphans and not stray:
             return
         pids = {p.pid for p in orphans}
         self._ending |= pids
+        self._chasing |= stray
 
         async def end() -> None:
             try:
-                await asyncio.to_thread(supervisor.sweep, orphans, self.ctx.cfg.supervisor.kill_grace)
+                await asyncio.to_thread(supervisor.sweep, orphans, self.ctx.cfg.supervisor.kill_grace, stray,
+                                        parents)
             finally:
                 self._ending -= pids
+                self._chasing -= stray
 
         task = asyncio.get_running_loop().create_task(end())
         tasks.add(task)

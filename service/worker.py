@@ -18,28 +18,31 @@ import time
 import traceback
 from typing import Any
 
+from service.ledger import Writer as _Ledger
 from service.progress import channel as _channel
 from service.progress import flush as _flush_progress
 
-# a job's tuple: (id, fn, args JSON, kwargs JSON): decoded here, in parallel, not in the daemon
-JobTuple = tuple[str, str, str, str]
+# a job's tuple: (id, fn, args JSON, kwargs JSON, seq, attempts before this one); the arguments are
+# decoded here, in parallel, not in the daemon
+JobTuple = tuple[str, str, str, str, int, int]
 
 _events: Any = None  # multiprocessing Connection: worker -> daemon
 _control: Any = None  # multiprocessing Connection: daemon -> worker (cancelled ids)
 _cancelled: set[str] = set()
 _lifeline: list[Any] = []  # the read end of the daemon's lifeline pipe: readable (EOF) once it died
 _functions: dict[str, Any] = {}
+_ledger = _Ledger(None)  # where this worker notes each start before it makes it (service.ledger)
 _JOB_VAR = "POOLD_JOB_ID"  # service.supervisor.JOB_VAR (not imported: workers stay small)
 
 
 def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str, ...],
-         close_fds: tuple[int, ...]) -> None:
+         close_fds: tuple[int, ...], ledger: str | None = None) -> None:
     """Executor initializer: title, signal policy, death watch, preload.
 
     `close_fds` are the daemon's own pipe ends that a forked (start method
     "fork") worker inherits and must not keep open.
     """
-    global _events, _control
+    global _events, _control, _ledger
     for fd in close_fds:
         try:
             os.close(fd)
@@ -57,6 +60,7 @@ def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _events, _control = events, control
+    _ledger = _Ledger(ledger)
     _lifeline.append(lifeline)
     _channel.send = events.send
     threading.Thread(target=_watch_daemon, args=(lifeline,), name="poold-lifeline", daemon=True).start()
@@ -65,12 +69,78 @@ def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str
 
 
 def _set_parent_death_signal() -> None:
-    """SIGKILL when the parent dies (covers "spawn" and "fork", where the parent is the daemon)."""
+    """SIGKILL when the parent dies (covers "spawn" and "fork", where the parent is the daemon).
+
+    The worker is also a subreaper: what a job forks and orphans re-parents here, so at the
+    job's end this worker alone can end it (see _end_forked)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
+        pass
+    os.register_at_fork(after_in_parent=_note_fork)
+
+
+_forked = [False]  # the running job forked (os.fork, multiprocessing): see _end_forked
+
+
+def _note_fork() -> None:
+    _forked[0] = True
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def _end_forked(patience: float = 0.05, limit: float = 2.0) -> None:
+    """Ends what a job that forked left running, here and now: SIGTERM at first sight, SIGKILL
+    once `patience` is spent, reaping as it goes, until no child is left.
+
+    A forked (not exec'd) process has no job tag the daemon can read in /proc, and one that keeps
+    replacing itself by a fresh fork lives a millisecond: too quick for the daemon's sweep. As a
+    subreaper this worker inherits each of them, one job at a time, so all it has are the ended
+    job's. What a job started without forking from Python (subprocess) carries its job tag and is
+    left to the daemon's sweep, with its grace.
+    """
+    _forked[0] = False
+    seen: dict[int, float] = {}
+    start = time.monotonic()
+    while (now := time.monotonic()) - start < limit:
+        _reap()
+        pids = _children()
+        if not pids:
+            return
+        for pid in pids:
+            first = seen.setdefault(pid, now)
+            if first == now:
+                sig = signal.SIGTERM
+            elif now - first >= patience:
+                sig = signal.SIGKILL
+            else:
+                continue
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(0.0005)
+
+
+def _reap() -> None:
+    """Collects the exit status of children that ended (the job is over: none is its to wait for)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
         pass
 
 
@@ -137,7 +207,7 @@ def _error(kind: str, message: str, exc: BaseException | None = None) -> dict[st
 
 def _run_one(job: JobTuple, max_result_bytes: int) -> tuple[str, Any]:
     """Runs one job; ("ok", result JSON text) or ("error", error dict)."""
-    _, fn, args, kwargs = job
+    _, fn, args, kwargs, _, _ = job
     try:
         result = _resolve(fn)(*json.loads(args), **json.loads(kwargs))
     except BaseException as e:
@@ -186,10 +256,12 @@ def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -
         if jid in _cancelled:
             _cancelled.discard(jid)
             continue
+        now = time.time()
+        _ledger.mark(job[4], job[5], now)  # before anyone can know it started: see service.ledger
         if ended is None:
-            send(("start", jid, time.time()))
+            send(("start", jid, now))
         else:
-            send((*ended, jid, time.time()))
+            send((*ended, jid, now))
             ended = None
         _channel.job_id = jid
         os.environ[_JOB_VAR] = jid  # what the job starts carries it: its leftovers can be told apart
@@ -199,6 +271,8 @@ def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -
         finally:
             _channel.job_id = None
         ended = ("done", jid, kind, payload, time.perf_counter() - t)
+        if _forked[0]:
+            _end_forked()
         done += 1
         if max_memory_mb and _rss_mb() > max_memory_mb:
             break

@@ -670,12 +670,6 @@ def test_half_closed_mid_body_is_not_a_job(session: Session) -> None:
     session.still_serving([], offset)
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue 8): aiohttp closes a connection whose client shut its"
-    " sending side before the answer is written; keeping it open needs an"
-    " incomplete-body check aiohttp's C parser does not expose",
-    strict=False,
-)
 def test_half_closed_after_a_complete_request_is_answered(session: Session) -> None:
     """A client may send its whole request and then shut down its sending side (`nc -N`, some
     proxies). The daemon runs the job; the client must get the answer that names it, or a job

@@ -128,6 +128,38 @@ def test_a_burst_of_accepted_jobs_survives_sigkill(daemon_factory):
     assert_store_ok(d)
 
 
+def test_a_start_the_store_never_heard_of_counts_at_recovery(daemon_factory, tmp_path):
+    """A worker notes each start in its slot's ledger ring before it reports it: a daemon SIGKILLed
+    before it committed that start must not leave the job queued (it would run once more than
+    1 + retries). The ring is written here as a worker of the killed daemon would have."""
+    import sqlite3
+
+    from service import ledger
+
+    d = daemon_factory(cfg={"pool": {"workers": 1}, **FAST}).start()
+    block = d.submit("tests.jobs:forever", timeout=120)["id"]
+    d.wait_state(block, "running")
+    no_retry = d.submit("tests.jobs:touch", str(tmp_path / "a"))["id"]
+    with_retry = d.submit("tests.jobs:touch", str(tmp_path / "b"), retries=1)["id"]
+    untouched = d.submit("tests.jobs:add", 1, 2)["id"]
+    d.kill()
+    with sqlite3.connect(d.store) as db:
+        seq = dict(db.execute("SELECT id, seq FROM jobs").fetchall())
+    ring = ledger.Writer(ledger.path(str(d.store), 1))
+    for jid in (no_retry, with_retry):
+        ring.mark(seq[jid], 0, time.time())
+    d.start()
+    j = d.wait_done(no_retry)
+    assert j["state"] == "failed" and j["error"]["type"] == "interrupted" and j["attempts"] == 1, j
+    assert not (tmp_path / "a").exists()
+    j = d.wait_done(with_retry)
+    assert j["state"] == "succeeded" and j["attempts"] == 2, j
+    assert d.wait_done(untouched)["result"] == 3
+    assert seq[no_retry] not in ledger.read(str(d.store))  # recovery cleared the killed daemon's rings
+    d.close()
+    assert_store_ok(d)
+
+
 def test_sigterm_drains(daemon_factory):
     d = daemon_factory(cfg={"pool": {"workers": 1}, "supervisor": {"shutdown_grace": 20.0}}).start()
     running = d.submit("tests.jobs:sleep", 4.0)["id"]
