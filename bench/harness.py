@@ -79,12 +79,17 @@ def daemon(workers: int, **extra: Any) -> Iterator[tuple[int, subprocess.Popen[b
             c.close()
             yield port, proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM (the daemon drains), then SIGKILL to its whole session after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def uss_mib(pid: int) -> dict[str, float]:

@@ -23,7 +23,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.concurrency import Neighbours, wait_quiet
-from bench.harness import REPO, free_port
+from bench.harness import REPO, free_port, stop
 
 TARGET_S = 1.0
 
@@ -107,12 +106,7 @@ def one_start(workers: int, cache: str | None) -> tuple[float, float]:
             assert done["state"] == "succeeded", done
             return accepted, finished
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
 
 
 def bare_start(workers: int, cache: str | None) -> float:

@@ -64,6 +64,7 @@ def watch(pid: int) -> psutil.Process | None:
 
 
 def ended(p: psutil.Process | None) -> bool:
+    """True when the process no longer runs: exited (even if its pid was reused) or a zombie."""
     if p is None:
         return True
     try:
@@ -73,7 +74,9 @@ def ended(p: psutil.Process | None) -> bool:
 
 
 def when_ended(procs: dict[str, psutil.Process | None], timeout: float) -> dict[str, float]:
-    """The wall-clock time each process was first seen ended (polling every 5 ms)."""
+    """Polls (every 5 ms) until every process has ended or `timeout` passes; returns, for each that
+    ended, the wall-clock time (time.time(), comparable with a Job's timestamps) it was first seen
+    ended. tests/test_supervision uses it too."""
     seen: dict[str, float] = {}
     end = time.monotonic() + timeout
     while len(seen) < len(procs) and time.monotonic() < end:

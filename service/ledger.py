@@ -47,6 +47,8 @@ class Writer:
             try:
                 if os.fstat(fd).st_size != _SIZE:
                     os.ftruncate(fd, _SIZE)
+                # blocks reserved now: a write to an unbacked page of a full disk is a SIGBUS
+                os.posix_fallocate(fd, 0, _SIZE)
                 self._map = mmap.mmap(fd, _SIZE)
             finally:
                 os.close(fd)

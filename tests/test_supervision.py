@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
+from bench.supervision import ended, when_ended
 from tests.conftest import Daemon, gone, proc_args, read_pid, ts, wait_for
 
 # the contract's defaults: a timed-out job is SIGKILLed at once, whatever the orphan sweep's pace
@@ -48,29 +49,6 @@ def proc(pid: int) -> psutil.Process | None:
         return psutil.Process(pid)
     except psutil.NoSuchProcess:
         return None
-
-
-def ended(p: psutil.Process | None) -> bool:
-    """True when the process no longer runs: exited (even if its pid was reused) or a zombie."""
-    if p is None:
-        return True
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def when_ended(procs: dict[str, psutil.Process | None], timeout: float) -> dict[str, float]:
-    """Polls until every process has ended (or `timeout` passes); returns, for each that ended,
-    the wall-clock time (time.time(), comparable with a Job's timestamps) it was first seen ended."""
-    seen: dict[str, float] = {}
-    end = time.monotonic() + timeout
-    while len(seen) < len(procs) and time.monotonic() < end:
-        for k, p in procs.items():
-            if k not in seen and ended(p):
-                seen[k] = time.time()
-        time.sleep(0.01)
-    return seen
 
 
 def alive(procs: dict[str, psutil.Process | None]) -> dict[str, str]:
