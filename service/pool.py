@@ -141,6 +141,7 @@ class Slot:
     killed: str = ""  # why the daemon killed it ("timeout", "cancel", …); "" while it lives
     dying: bool = False  # its death is being handled
     exit: str = "died"  # how it ended ("was sent SIGKILL", "exited with code 3")
+    oom_kills: int = 0  # the kernel's OOM kill count when this worker started
     retiring: bool = False  # replace once its batches end (recycling, resizing)
     generation: int = 0
 
@@ -150,6 +151,18 @@ class Slot:
 
     def pending_ids(self) -> set[str]:
         return {c.id for b in self.batches for c in b}
+
+
+def _oom_kills() -> int:
+    """How many processes the kernel's OOM killer has ended since boot (0 where unknown)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class Pool:
@@ -232,7 +245,7 @@ class Pool:
             if self.slots.get(slot.n) is slot:
                 self._launch(slot)
             return
-        slot.pid, slot.started_at = pid, time.time()
+        slot.pid, slot.started_at, slot.oom_kills = pid, time.time(), _oom_kills()
         slot.state = "idle"
         log.debug("worker %d started (pid %d)", slot.n, pid)
         self._on_ready(slot)
@@ -316,8 +329,10 @@ class Pool:
                     break
                 await asyncio.sleep(0.005)
             slot.exit = self.exit_description(slot)
-            hint = " — perhaps out of memory?" if "SIGKILL" in slot.exit else ""
-            log.error("worker %d (pid %s) %s%s", slot.n, slot.pid, slot.exit, hint)
+            if "SIGKILL" in slot.exit:  # not ours (a kill of ours is slot.killed): memory, most likely
+                slot.exit += (" by the kernel's OOM killer (out of memory)" if _oom_kills() > slot.oom_kills
+                              else " — perhaps out of memory?")
+            log.error("worker %d (pid %s) %s", slot.n, slot.pid, slot.exit)
             self._end_broken(slot, exc)
 
         self._spawn(later())

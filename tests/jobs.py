@@ -510,6 +510,17 @@ def alloc_until(limit_mb, step_mb=8, catch=False):
         raise
 
 
+def oom_in_cgroup(cgroup, step_mb=16):
+    """Runs out of memory for real: moves its own worker into `cgroup` (a cgroup v1 memory
+    controller group with a small memory.limit_in_bytes) and allocates, touching every page, until
+    the kernel's OOM killer ends the process. Never returns."""
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    blocks = []
+    while True:
+        blocks.append(bytearray(step_mb * 2**20))
+
+
 def close_std(fds, write=True):
     """Closes its own file descriptors `fds` (e.g. [1] for stdout), then writes to stdout and
     stderr and flushes. Returns what it closed."""

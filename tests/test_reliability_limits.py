@@ -157,6 +157,40 @@ def test_closed_std_streams(d: Daemon, fds: list[int]) -> None:
     assert_nothing_left(d)
 
 
+@pytest.fixture
+def memory_cgroup() -> Any:
+    """A cgroup v1 memory group capped at 128 MiB (skips where there is none to make)."""
+    root = Path("/sys/fs/cgroup/memory")
+    group = root / f"poold-test-oom-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(128 * 2**20))
+        with contextlib.suppress(OSError):  # no swap accounting: the cap is RAM alone
+            (group / "memory.memsw.limit_in_bytes").write_text(str(128 * 2**20))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        pytest.skip(f"no cgroup v1 memory group to make here: {e}")
+    yield group
+    wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10)
+    with contextlib.suppress(OSError):
+        group.rmdir()
+
+
+def test_the_oom_killer(d: Daemon, memory_cgroup: Path) -> None:
+    """A job allocates until the kernel's OOM killer comes (its worker moved into a memory cgroup
+    of 128 MiB): that job fails as worker_died, named by its signal and with the out-of-memory
+    hint; the daemon lives, replaces the worker and serves."""
+    job = d.run("tests.jobs:oom_in_cgroup", str(memory_cgroup), timeout=60.0, wait_timeout=90)
+    oom = dict(line.split() for line in (memory_cgroup / "memory.oom_control").read_text().splitlines())
+    assert int(oom.get("oom_kill", "1")) >= 1, oom  # the kernel's OOM killer did it (when it counts)
+    assert job["state"] == "failed" and job["error"]["type"] == "worker_died", job
+    assert "SIGKILL" in job["error"]["message"] and "out of memory" in job["error"]["message"], job["error"]
+    assert d.running()
+    assert_pool_serves(d)
+    assert_nothing_left(d)
+
+
 @pytest.mark.parametrize("fds", [[1], [2], [1, 2]], ids=["stdout", "stderr", "both"])
 def test_megabytes_to_stdout_and_stderr(d: Daemon, fds: list[int]) -> None:
     """8 MiB written to stdout and/or stderr: the job succeeds, the daemon is unharmed."""
