@@ -300,13 +300,20 @@ async def _no_route(request: web.Request) -> web.Response:
     raise ApiError(404, "not_found", f"no such path: {request.path[:200]}")
 
 
-async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """`Expect: 100-continue` is honoured; any other expectation gets a JSON 417 (aiohttp's own
-    answer fails on a header that is not UTF-8)."""
+def refuse_expectation(request: web.BaseRequest) -> web.StreamResponse | None:
+    """A JSON 417 for any `Expect` but 100-continue (aiohttp's own answer fails on a header that
+    is not UTF-8); None for 100-continue. service.http.Runner asks it before routing."""
     if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
     return error_response(417, "expectation_failed", "only 'Expect: 100-continue' is supported")
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is honoured; any other expectation gets a JSON 417."""
+    if (refusal := refuse_expectation(request)) is not None:
+        return refusal
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
 
 
 def make_app(ctx: Context) -> web.Application:

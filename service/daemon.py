@@ -22,7 +22,7 @@ from aiohttp import web
 import service
 from service import config as config_mod
 from service import ledger, logs, spec, supervisor, systemd
-from service.api import Context, make_app
+from service.api import Context, make_app, refuse_expectation
 from service.config import Config, ConfigError
 from service.http import Runner
 from service.metrics import Metrics
@@ -78,7 +78,8 @@ def _warn_loose_token_file(path: str) -> None:
 @asynccontextmanager
 async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[str]]:
     """Binds the sockets (activated ones first) and serves the app; yields where it listens."""
-    runner = Runner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = Runner(app, refuse=refuse_expectation, access_log=None, handle_signals=False,
+                    shutdown_timeout=1.0)
     await runner.setup()
     where = []
     try:

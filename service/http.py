@@ -1,5 +1,9 @@
-"""aiohttp's server, with one change: a client that shuts its sending side after a whole request
-(`nc -N`, some proxies) still gets the answer.
+"""aiohttp's server, with two changes.
+
+A client that shuts its sending side after a whole request (`nc -N`, some proxies) still gets the
+answer. And an `Expect` the daemon does not meet gets the app's own answer before routing:
+aiohttp asks the matched route, and where no route matches (a CONNECT's authority-form target has
+no path) its default answer fails, as a 500, on a header that is not UTF-8.
 
 aiohttp closes the connection at the client's FIN, so a request already taken (a job already
 created) went unanswered. Here the FIN keeps the connection open for writing while a request it
@@ -10,6 +14,7 @@ handler falls back to aiohttp's own behaviour.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -43,11 +48,27 @@ class _Server(web.Server):
         return _Handler(self, loop=self._loop, **self._kwargs)
 
 
+Refusal = Callable[[web.BaseRequest], "web.StreamResponse | None"]
+
+
 class Runner(web.AppRunner):
-    """web.AppRunner whose connections answer a request completed by the client's FIN."""
+    """web.AppRunner whose connections answer a request completed by the client's FIN, and whose
+    requests with an `Expect` first meet `refuse` (an answer, or None to go on)."""
+
+    def __init__(self, app: web.Application, *, refuse: Refusal | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._refuse = refuse
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         if type(server) is web.Server:
             server.__class__ = _Server
+        refuse, inner = self._refuse, server.request_handler
+        if refuse is not None:
+            async def handle(request: web.BaseRequest) -> web.StreamResponse:
+                if "Expect" in request.headers and (answer := refuse(request)) is not None:
+                    return answer
+                return await inner(request)
+
+            server.request_handler = handle
         return server

@@ -461,6 +461,11 @@ RAW: list[tuple[str, bytes]] = [
         "expect-non-utf8-wrong-method",
         b"PUT /v1/jobs HTTP/1.1\r\nHost: x\r\nExpect: \xb7\r\nContent-Length: 2\r\n\r\n{}",
     ),
+    # found by the long run (bench.fuzz): a CONNECT's target has no path, so no route matched
+    ("expect-non-utf8-connect", b"CONNECT /?a=1 HTTP/1.1\r\nHost: x\r\nExpect: \xb7\r\n\r\n"),
+    ("expect-non-utf8-connect-authority", b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\nExpect: \xb7\r\n\r\n"),
+    ("connect", b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("expect-100-connect", b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n"),
     ("expect-unknown", b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\nContent-Length: 2\r\n\r\n{}"),
     ("expect-unknown-get", b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n"),
     ("authorization-non-utf8", b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"),
