@@ -21,7 +21,7 @@ from aiohttp import web
 
 import service
 from service import config as config_mod
-from service import ledger, logs, spec, supervisor, systemd
+from service import ledger, leftovers, logs, spec, supervisor, systemd
 from service.api import Context, make_app, refuse_expectation
 from service.config import Config, ConfigError
 from service.http import Runner
@@ -171,8 +171,8 @@ async def _serve(cfg: Config) -> int:
         await asyncio.to_thread(supervisor.end_tagged, tag, ctx.cfg.supervisor.kill_grace,
                                 scheduler.pool.helper_pids())
         # and any child of ours but multiprocessing's helpers (re-parented orphans, tag or not)
-        leftovers = supervisor.find_leftovers(scheduler.pool.helper_pids(), {}, {})
-        await asyncio.to_thread(supervisor.sweep, leftovers, ctx.cfg.supervisor.kill_grace)
+        found = leftovers.find_leftovers(scheduler.pool.helper_pids(), {}, {})
+        await asyncio.to_thread(leftovers.sweep, found, ctx.cfg.supervisor.kill_grace)
         await scheduler.pool.stop_helpers()
         await store.committed()
         store.close()

@@ -15,10 +15,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
-import signal
-import struct
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,95 +25,13 @@ import psutil
 
 from service import ledger, supervisor, worker
 from service.config import PoolConfig
+from service.frames import FrameReader
 from service.store import Claimed
 
 log = logging.getLogger("poold.pool")
 
 EventHandler = Callable[["Slot", list[tuple[Any, ...]]], None]
 BatchEndHandler = Callable[["Slot", list[Claimed], BaseException | None], None]
-
-
-def _stop_helpers() -> None:
-    """Ends multiprocessing's forkserver and resource tracker, so no process outlives the daemon.
-
-    Each is told to stop (its pipe closed); one that a leftover keeps alive (a process holding a
-    copy of that pipe) gets SIGKILL after a second rather than hanging the shutdown."""
-    from multiprocessing import forkserver, resource_tracker
-
-    for obj, attr in ((getattr(forkserver, "_forkserver", None), "_forkserver_pid"),
-                      (getattr(resource_tracker, "_resource_tracker", None), "_pid")):
-        pid = getattr(obj, attr, None)
-        stop = getattr(obj, "_stop", None)
-        if stop is None:
-            continue
-        if isinstance(pid, int):
-            killer = threading.Timer(1.0, _kill_quietly, (pid,))
-            killer.daemon = True
-            killer.start()
-        try:
-            stop()
-        except (OSError, AttributeError):
-            pass
-        if isinstance(pid, int):
-            killer.cancel()
-
-
-def _kill_quietly(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-class _FrameReader:
-    """Reads a worker's event pipe without blocking: every message waiting, in one system call.
-
-    The frames are multiprocessing.Connection's (a 4-byte big-endian length, or -1 then an
-    8-byte length, then a pickle). A frame cut short by the worker's death is dropped at EOF;
-    it never blocks the event loop, as Connection.recv() would.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        os.set_blocking(fd, False)
-        self.buf = bytearray()
-
-    def read(self) -> list[tuple[Any, ...]]:
-        """Messages complete so far; EOFError once the worker's end is closed."""
-        while True:
-            try:
-                chunk = os.read(self.fd, 1 << 20)
-            except BlockingIOError:
-                break
-            except OSError:
-                raise EOFError from None
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-            if len(chunk) < 1 << 20:
-                break
-        return self.messages()
-
-    def messages(self) -> list[tuple[Any, ...]]:
-        out = []
-        buf, pos, end = self.buf, 0, len(self.buf)
-        while end - pos >= 4:
-            (n,) = _INT.unpack_from(buf, pos)
-            head = 4
-            if n == -1:
-                if end - pos < 12:
-                    break
-                (n,) = _LONG.unpack_from(buf, pos + 4)
-                head = 12
-            if end - pos - head < n:
-                break
-            out.append(pickle.loads(memoryview(buf)[pos + head:pos + head + n]))
-            pos += head + n
-        del buf[:pos]
-        return out
-
-
-_INT, _LONG = struct.Struct("!i"), struct.Struct("!Q")
 
 
 @dataclass(eq=False)
@@ -137,7 +51,7 @@ class Slot:
     current: str | None = None  # the job that has started and not ended
     current_started: float = 0.0
     kill_reason: dict[str, str] = field(default_factory=dict)  # job id -> "timeout" | "cancel"
-    reader: _FrameReader | None = None
+    reader: FrameReader | None = None
     killed: str = ""  # why the daemon killed it ("timeout", "cancel", …); "" while it lives
     dying: bool = False  # its death is being handled
     exit: str = "died"  # how it ended ("was sent SIGKILL", "exited with code 3")
@@ -151,18 +65,6 @@ class Slot:
 
     def pending_ids(self) -> set[str]:
         return {c.id for b in self.batches for c in b}
-
-
-def _oom_kills() -> int:
-    """How many processes the kernel's OOM killer has ended since boot (0 where unknown)."""
-    try:
-        with open("/proc/vmstat", "rb") as f:
-            for line in f:
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 class Pool:
@@ -234,7 +136,7 @@ class Pool:
         slot.process = next(iter(getattr(executor, "_processes", {}).values()), None)
         slot.pid = getattr(slot.process, "pid", None)
         assert self._loop is not None
-        slot.reader = _FrameReader(events_r.fileno())
+        slot.reader = FrameReader(events_r.fileno())
         self._loop.add_reader(events_r.fileno(), self._read, slot, slot.reader)
         try:
             pid, _ = await asyncio.wrap_future(hello)
@@ -245,12 +147,12 @@ class Pool:
             if self.slots.get(slot.n) is slot:
                 self._launch(slot)
             return
-        slot.pid, slot.started_at, slot.oom_kills = pid, time.time(), _oom_kills()
+        slot.pid, slot.started_at, slot.oom_kills = pid, time.time(), supervisor.oom_kills()
         slot.state = "idle"
         log.debug("worker %d started (pid %d)", slot.n, pid)
         self._on_ready(slot)
 
-    def _read(self, slot: Slot, reader: _FrameReader) -> None:
+    def _read(self, slot: Slot, reader: FrameReader) -> None:
         try:
             msgs = reader.read()
         except EOFError:  # the worker is gone
@@ -330,7 +232,8 @@ class Pool:
                 await asyncio.sleep(0.005)
             slot.exit = self.exit_description(slot)
             if "SIGKILL" in slot.exit:  # not ours (a kill of ours is slot.killed): memory, most likely
-                slot.exit += (" by the kernel's OOM killer (out of memory)" if _oom_kills() > slot.oom_kills
+                oom = supervisor.oom_kills() > slot.oom_kills
+                slot.exit += (" by the kernel's OOM killer (out of memory)" if oom
                               else " — perhaps out of memory?")
             log.error("worker %d (pid %s) %s", slot.n, slot.pid, slot.exit)
             self._end_broken(slot, exc)
@@ -418,7 +321,7 @@ class Pool:
 
     async def stop_helpers(self) -> None:
         """Ends the forkserver and resource tracker (after every process that holds their pipes)."""
-        await asyncio.to_thread(_stop_helpers)
+        await asyncio.to_thread(supervisor.stop_helpers)
 
     def processes(self) -> list[int]:
         return [s.pid for s in self.slots.values() if s.pid is not None]

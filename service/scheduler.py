@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import supervisor
+from service import leftovers, supervisor
 from service.config import Config
 from service.metrics import Metrics
 from service.pool import Pool, Slot
@@ -280,7 +280,7 @@ class Scheduler:
         self.pool.kill(r.slot, why)
         others = {jid: o.started_at for jid, o in self.running.items() if o is not r}
         known = self.pool.helper_pids() | set(self.pool.processes())
-        for p in supervisor.orphans_of(known, r.claimed.id, r.started_at, others):
+        for p in leftovers.orphans_of(known, r.claimed.id, r.started_at, others):
             supervisor.kill_tree(p.pid)
 
     # -- requests from the API
@@ -377,7 +377,7 @@ class Scheduler:
     def workers(self) -> list[dict[str, Any]]:
         import psutil
 
-        from service.store import iso
+        from service.jobjson import iso
 
         out = []
         for s in sorted(self.pool.slots.values(), key=lambda s: s.n):

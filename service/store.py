@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from service.jobjson import job_json
 from service.sqlite import Database, StoreError
 
 __all__ = ["Claimed", "NewJob", "Store", "StoreError"]
@@ -95,45 +96,10 @@ class Claimed(NamedTuple):
     created_at: float
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def iso(t: float | None) -> str | None:
-    """2026-11-24T12:00:00.000000Z (UTC, microseconds)."""
-    if t is None:
-        return None
-    sec = int(t)
-    if sec != _second[0]:
-        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"
-
-
 def _new_id() -> str:
     """32 hex digits, time-ordered (nanoseconds, then random): inserts land at the end of the id
     index instead of on a random page, so submitting stays fast however many jobs are kept."""
     return f"{time.time_ns():016x}{os.urandom(8).hex()}"
-
-
-def _t(t: float | None) -> str:
-    return "null" if t is None else f'"{iso(t)}"'
-
-
-def _raw(text: str | None) -> str:
-    return "null" if text is None else text
-
-
-def job_json(row: tuple[Any, ...], progress: str | None = None) -> str:
-    """A Job as JSON text, spliced from the stored JSON columns: nothing is decoded and encoded again.
-
-    `fn` and `id` need no escaping (`fn` passed the module:name check, ids are hex).
-    """
-    (_, jid, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created, started,
-     finished, worker, result, error, prog) = row
-    return (f'{{"id":"{jid}","fn":"{fn}","args":{args},"kwargs":{kwargs},"state":"{state}",'
-            f'"priority":{priority},"timeout":{timeout!r},"retries":{retries},"attempts":{attempts},'
-            f'"key":{"null" if key is None else json.dumps(key)},"created_at":{_t(created)},'
-            f'"started_at":{_t(started)},"finished_at":{_t(finished)},"worker":{_raw(worker)},'
-            f'"result":{_raw(result)},"error":{_raw(error)},"progress":{_raw(progress or prog)}}}')
 
 
 class Store:

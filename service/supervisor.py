@@ -1,9 +1,9 @@
-"""Process trees: kill them, find orphans, end a previous instance's leftovers.
+"""Process trees: kill them, reap them; this instance's tag and a previous instance's leftovers.
 
 The daemon is a child subreaper (PR_SET_CHILD_SUBREAPER), so what a job
 detaches (double fork, setsid) re-parents to the daemon instead of PID 1,
-where `find_orphans` sees it. Processes are known by pid *and* create time,
-never by a name match.
+where service.leftovers looks. Processes are known by pid *and* create
+time, never by a name match.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ctypes
 import logging
 import os
 import signal
-import time
+import threading
 
 import psutil
 
@@ -43,7 +43,7 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def _tree(pid: int) -> list[psutil.Process]:
+def tree(pid: int) -> list[psutil.Process]:
     """pid's descendants (deepest last) followed by pid itself."""
     try:
         root = psutil.Process(pid)
@@ -60,15 +60,15 @@ def kill_trees(pids: list[int], grace: float) -> None:
     """Ends each pid with all it started: SIGTERM (unless grace is 0), SIGKILL after grace, reap."""
     procs: list[psutil.Process] = []
     for pid in pids:
-        procs.extend(_tree(pid))
-    _end(procs, grace)
+        procs.extend(tree(pid))
+    end(procs, grace)
 
 
 def kill_tree(pid: int, grace: float = 0.0) -> None:
     kill_trees([pid], grace)
 
 
-def _end(procs: list[psutil.Process], grace: float) -> None:
+def end(procs: list[psutil.Process], grace: float) -> None:
     if not procs:
         return
     first = signal.SIGTERM if grace > 0 else signal.SIGKILL
@@ -104,77 +104,9 @@ def reap_children(skip: set[int] | None = None) -> None:
             pass
 
 
-_SLACK = 0.05  # create times are kept in clock ticks: allow for their rounding
-
-
-JOB_VAR = "POOLD_JOB_ID"  # set in a worker's environment for each job: exec'd children carry it
-_JOB_PREFIX = f"{JOB_VAR}=".encode()
-
-
-def job_of(p: psutil.Process) -> str | None:
-    """The job a process was started by, when its environment says so."""
-    try:
-        return p.environ().get(JOB_VAR)
-    except psutil.Error:
-        return None
-
-
-def _owned(p: psutil.Process, running: dict[str, float], since: float | None) -> bool:
-    """May p belong to a job that still runs? By its job tag when it has one; else by age: a
-    process younger than a running job (`since`: that job's start) may be that job's."""
-    owner = job_of(p)
-    if owner is not None:
-        return owner in running
-    return _young(p, since)
-
-
-def find_leftovers(known: set[int], workers: dict[int, str | None],
-                   running: dict[str, float]) -> list[psutil.Process]:
-    """Processes that outlived their job.
-
-    - children of the daemon it does not know: detached grandchildren that re-parented here,
-      unless they may belong to a job that still runs (`running`: job id -> start time);
-    - children of a worker (`workers`: pid -> the job it runs now, or None) that are not the
-      running job's.
-    """
-    found: list[psutil.Process] = []
-    earliest = min(running.values(), default=None)
-    for p in children(os.getpid()):
-        if p.pid not in known and not _owned(p, running, earliest):
-            found.append(p)
-    for pid, jid in workers.items():
-        mine = {jid: running[jid]} if jid in running else {}
-        found += [p for p in children(pid) if not _owned(p, mine, mine.get(jid or ""))]
-    return [p for p in found if _alive(p)]
-
-
-def orphans_of(known: set[int], jid: str, since: float, others: dict[str, float]) -> list[psutil.Process]:
-    """Detached processes of one job (ending now): by its tag, or else started after it began
-    and too old to belong to any other running job."""
-    out = []
-    earliest = min(others.values(), default=None)
-    for p in children(os.getpid()):
-        if p.pid in known or not _alive(p):
-            continue
-        owner = job_of(p)
-        if owner == jid or (owner is None and _young(p, since) and not _young(p, earliest)):
-            out.append(p)
-    return out
-
-
-def _young(p: psutil.Process, since: float | None) -> bool:
-    """True when p started after `since` (so may belong to the job that started then)."""
-    if since is None:
-        return False
-    try:
-        return p.create_time() + _SLACK >= since
-    except psutil.Error:
-        return False
-
-
 def children(pid: int) -> list[psutil.Process]:
     """pid's children from /proc/PID/task/*/children (cheap), else through psutil."""
-    pids = _child_pids(pid)
+    pids = child_pids(pid)
     if not pids and not os.path.exists(f"/proc/{pid}/task"):
         try:
             return psutil.Process(pid).children()
@@ -189,7 +121,7 @@ def children(pid: int) -> list[psutil.Process]:
     return out
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
     try:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -226,7 +158,7 @@ def tagged(tag: str) -> list[psutil.Process]:
         if p.pid == os.getpid():
             continue
         try:
-            if p.environ().get(INSTANCE_VAR) == tag and _alive(p):
+            if p.environ().get(INSTANCE_VAR) == tag and alive(p):
                 out.append(p)
         except psutil.Error:
             continue
@@ -238,7 +170,7 @@ def end_tagged(tag: str, grace: float, spare: set[int] | None = None) -> None:
     procs = [p for p in tagged(tag) if not spare or p.pid not in spare]
     for p in procs:
         log.warning("ending leftover process %d at shutdown", p.pid)
-    _end([q for p in procs for q in _tree(p.pid)], grace)
+    end([q for p in procs for q in tree(p.pid)], grace)
 
 
 def running_daemon(recorded: list[tuple[int, float, str]]) -> int | None:
@@ -252,7 +184,7 @@ def running_daemon(recorded: list[tuple[int, float, str]]) -> int | None:
 def _same(pid: int, ctime: float) -> bool:
     try:
         p = psutil.Process(pid)
-        return abs(p.create_time() - ctime) < 0.01 and _alive(p)
+        return abs(p.create_time() - ctime) < 0.01 and alive(p)
     except psutil.Error:
         return False
 
@@ -265,88 +197,15 @@ def end_previous(recorded: list[tuple[int, float, str]], grace: float) -> int:
         if role == "daemon":
             procs += tagged(instance_tag(pid, ctime))
         elif _same(pid, ctime):
-            procs += _tree(pid)
+            procs += tree(pid)
     unique = list({p.pid: p for p in procs}.values())
     for p in unique:
         log.warning("ending process %d left by a previous instance", p.pid)
-    _end(unique, grace)
+    end(unique, grace)
     return len(unique)
 
 
-def sweep(procs: list[psutil.Process], grace: float, jobs: set[str] | None = None,
-          parents: tuple[int, ...] = ()) -> None:
-    """Ends leftover processes (with their own children), logging each; then chases what the
-    same jobs (and `jobs`) keep starting, among this daemon's children and `parents`' (workers)."""
-    tree: list[psutil.Process] = []
-    chased = set(jobs or ())
-    for p in procs:
-        try:
-            log.warning("ending leftover process %d (%s)", p.pid, " ".join(p.cmdline())[:80])
-        except psutil.Error:
-            continue
-        if (jid := job_of(p)) is not None:
-            chased.add(jid)
-        tree.extend(_tree(p.pid))
-    _end(tree, grace)
-    if chased:
-        n = chase(chased, 0.0 if tree else grace, (os.getpid(), *parents))
-        if n:
-            log.warning("ended %d short-lived leftover processes of job(s) %s", n, ", ".join(sorted(chased)))
-
-
-def stray_jobs(known: set[int], running: set[str], parents: tuple[int, ...]) -> set[str]:
-    """Ended jobs whose processes still run as children of this daemon or of `parents` (workers).
-    A raw scan of /proc: quick enough to see a process that lives a millisecond (one that keeps
-    replacing itself by a fork)."""
-    out = set()
-    for pid in (c for parent in (os.getpid(), *parents) for c in _child_pids(parent)):
-        if pid not in known and (jid := _job_var(pid)) is not None and jid not in running:
-            out.add(jid)
-    return out
-
-
-def _job_var(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
-    except OSError:
-        return None
-    for item in env.split(b"\0"):
-        if item.startswith(_JOB_PREFIX):
-            return item[len(_JOB_PREFIX):].decode("utf-8", "replace")
-    return None
-
-
-def chase(jobs: set[str], grace: float, parents: tuple[int, ...], quiet: float = 0.05,
-          limit: float = 3.0) -> int:
-    """Signals the children of `parents` (this daemon, its workers) that carry one of `jobs`
-    (ended jobs) as fast as they appear, until none has for `quiet` seconds; returns how many.
-
-    A process that keeps replacing itself by a fresh fork lives a millisecond: a sweep only ever
-    finds its dead predecessor, whose successor re-parents to the nearest subreaper. Each gets
-    SIGTERM while the jobs' grace lasts, SIGKILL after. A raw kill by pid is safe enough: a child
-    keeps its pid until its parent reaps it.
-    """
-    hit: set[int] = set()
-    start = last = time.monotonic()
-    while (now := time.monotonic()) - last < quiet and now - start < grace + limit:
-        sig = signal.SIGTERM if now - start < grace else signal.SIGKILL
-        for pid in (c for parent in parents for c in _child_pids(parent)):
-            if _job_var(pid) not in jobs:
-                continue
-            last = time.monotonic()
-            if sig == signal.SIGTERM and pid in hit:
-                continue
-            try:
-                os.kill(pid, sig)
-                hit.add(pid)
-            except OSError:
-                pass
-        time.sleep(0.0005)
-    return len(hit)
-
-
-def _child_pids(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     pids: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -355,3 +214,47 @@ def _child_pids(pid: int) -> list[int]:
     except OSError:
         pass
     return pids
+
+
+def stop_helpers() -> None:
+    """Ends multiprocessing's forkserver and resource tracker, so no process outlives the daemon.
+
+    Each is told to stop (its pipe closed); one that a leftover keeps alive (a process holding a
+    copy of that pipe) gets SIGKILL after a second rather than hanging the shutdown."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for obj, attr in ((getattr(forkserver, "_forkserver", None), "_forkserver_pid"),
+                      (getattr(resource_tracker, "_resource_tracker", None), "_pid")):
+        pid = getattr(obj, attr, None)
+        stop = getattr(obj, "_stop", None)
+        if stop is None:
+            continue
+        if isinstance(pid, int):
+            killer = threading.Timer(1.0, kill_quietly, (pid,))
+            killer.daemon = True
+            killer.start()
+        try:
+            stop()
+        except (OSError, AttributeError):
+            pass
+        if isinstance(pid, int):
+            killer.cancel()
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def oom_kills() -> int:
+    """How many processes the kernel's OOM killer has ended since boot (0 where unknown)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0

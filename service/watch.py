@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from service import supervisor, systemd
+from service import leftovers, supervisor, systemd
 from service.api import Context, health_reasons
 from service.store import StoreError
 
@@ -23,7 +23,7 @@ class Watch:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._ending: set[int] = set()  # leftovers being ended right now
-        self._chasing: set[str] = set()  # ended jobs whose processes are being chased (supervisor.chase)
+        self._chasing: set[str] = set()  # ended jobs whose processes are being chased (leftovers.chase)
         self._recorded: frozenset[int] = frozenset()
         self._status = ""
         self._last_expire = 0.0
@@ -61,9 +61,9 @@ class Watch:
         sched = self.ctx.scheduler
         workers = {s.pid: s.current for s in pool.slots.values() if s.pid is not None}
         running = {jid: r.started_at for jid, r in sched.running.items()}
-        orphans = [p for p in supervisor.find_leftovers(known, workers, running) if p.pid not in self._ending]
+        orphans = [p for p in leftovers.find_leftovers(known, workers, running) if p.pid not in self._ending]
         parents = tuple(workers)
-        stray = supervisor.stray_jobs(known, set(running) | set(sched.dispatched), parents) - self._chasing
+        stray = leftovers.stray_jobs(known, set(running) | set(sched.dispatched), parents) - self._chasing
         if not orphans and not stray:
             return
         pids = {p.pid for p in orphans}
@@ -72,7 +72,7 @@ class Watch:
 
         async def end() -> None:
             try:
-                await asyncio.to_thread(supervisor.sweep, orphans, self.ctx.cfg.supervisor.kill_grace, stray,
+                await asyncio.to_thread(leftovers.sweep, orphans, self.ctx.cfg.supervisor.kill_grace, stray,
                                         parents)
             finally:
                 self._ending -= pids

@@ -32,7 +32,7 @@ _cancelled: set[str] = set()
 _lifeline: list[Any] = []  # the read end of the daemon's lifeline pipe: readable (EOF) once it died
 _functions: dict[str, Any] = {}
 _ledger = _Ledger(None)  # where this worker notes each start before it makes it (service.ledger)
-_JOB_VAR = "POOLD_JOB_ID"  # service.supervisor.JOB_VAR (not imported: workers stay small)
+_JOB_VAR = "POOLD_JOB_ID"  # service.leftovers.JOB_VAR (not imported: workers stay small)
 
 
 def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str, ...],
