@@ -48,23 +48,41 @@ def _owned(p: psutil.Process, running: dict[str, float], since: float | None) ->
     return _young(p, since)
 
 
-def find_leftovers(known: set[int], workers: dict[int, str | None],
-                   running: dict[str, float]) -> list[psutil.Process]:
+def child_map(parents: tuple[int, ...]) -> dict[int, list[int]]:
+    """The children of this daemon and of `parents` (workers), read once for a whole round."""
+    return {pid: child_pids(pid) for pid in (os.getpid(), *parents)}
+
+
+def _procs(pids: list[int]) -> list[psutil.Process]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return out
+
+
+def find_leftovers(known: set[int], workers: dict[int, str | None], running: dict[str, float],
+                   kids: dict[int, list[int]] | None = None) -> list[psutil.Process]:
     """Processes that outlived their job.
 
     - children of the daemon it does not know: detached grandchildren that re-parented here,
       unless they may belong to a job that still runs (`running`: job id -> start time);
     - children of a worker (`workers`: pid -> the job it runs now, or None) that are not the
       running job's.
+
+    `kids` (child_map) saves reading the children again.
     """
+    kids = kids if kids is not None else child_map(tuple(workers))
     found: list[psutil.Process] = []
     earliest = min(running.values(), default=None)
-    for p in children(os.getpid()):
-        if p.pid not in known and not _owned(p, running, earliest):
+    for p in _procs([c for c in kids.get(os.getpid(), []) if c not in known]):
+        if not _owned(p, running, earliest):
             found.append(p)
     for pid, jid in workers.items():
         mine = {jid: running[jid]} if jid in running else {}
-        found += [p for p in children(pid) if not _owned(p, mine, mine.get(jid or ""))]
+        found += [p for p in _procs(kids.get(pid, [])) if not _owned(p, mine, mine.get(jid or ""))]
     return [p for p in found if alive(p)]
 
 
@@ -113,12 +131,12 @@ def sweep(procs: list[psutil.Process], grace: float, jobs: set[str] | None = Non
             log.warning("ended %d short-lived leftover processes of job(s) %s", n, ", ".join(sorted(chased)))
 
 
-def stray_jobs(known: set[int], running: set[str], parents: tuple[int, ...]) -> set[str]:
-    """Ended jobs whose processes still run as children of this daemon or of `parents` (workers).
-    A raw scan of /proc: quick enough to see a process that lives a millisecond (one that keeps
-    replacing itself by a fork)."""
+def stray_jobs(known: set[int], running: set[str], kids: dict[int, list[int]]) -> set[str]:
+    """Ended jobs whose processes still run as children of this daemon or of its workers (`kids`:
+    child_map). A raw scan of /proc: quick enough to see a process that lives a millisecond (one
+    that keeps replacing itself by a fork)."""
     out = set()
-    for pid in (c for parent in (os.getpid(), *parents) for c in child_pids(parent)):
+    for pid in (c for pids in kids.values() for c in pids):
         if pid not in known and (jid := _job_var(pid)) is not None and jid not in running:
             out.add(jid)
     return out

@@ -89,19 +89,23 @@ def end(procs: list[psutil.Process], grace: float) -> None:
 
 
 def reap_children(skip: set[int] | None = None) -> None:
-    """Collects exit statuses of our dead children that nobody else waits for (zombies)."""
-    try:
-        kids = psutil.Process().children()
-    except psutil.Error:
-        return
-    for p in kids:
-        if skip and p.pid in skip:
-            continue
+    """Collects exit statuses of our dead children that nobody else waits for (zombies).
+
+    Peeks with waitid(WNOWAIT) and reaps only what is not in `skip` (multiprocessing's helpers,
+    whose statuses it reads itself): no scan of /proc, which costs tens of milliseconds a round
+    on some hosts and steals them from CPU-bound jobs.
+    """
+    while True:
         try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(p.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError, OSError):
-            pass
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or (skip and info.si_pid in skip):
+            return
+        try:
+            os.waitpid(info.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
 
 
 def children(pid: int) -> list[psutil.Process]:

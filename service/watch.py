@@ -61,9 +61,11 @@ class Watch:
         sched = self.ctx.scheduler
         workers = {s.pid: s.current for s in pool.slots.values() if s.pid is not None}
         running = {jid: r.started_at for jid, r in sched.running.items()}
-        orphans = [p for p in leftovers.find_leftovers(known, workers, running) if p.pid not in self._ending]
         parents = tuple(workers)
-        stray = leftovers.stray_jobs(known, set(running) | set(sched.dispatched), parents) - self._chasing
+        kids = leftovers.child_map(parents)
+        orphans = [p for p in leftovers.find_leftovers(known, workers, running, kids)
+                   if p.pid not in self._ending]
+        stray = leftovers.stray_jobs(known, set(running) | set(sched.dispatched), kids) - self._chasing
         if not orphans and not stray:
             return
         pids = {p.pid for p in orphans}
