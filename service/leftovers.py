@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from service.supervisor import alive, child_pids, children, end, tree
+from service.supervisor import alive, child_pids, children, end, procs, tree
 
 log = logging.getLogger("poold.supervisor")
 
@@ -53,16 +53,6 @@ def child_map(parents: tuple[int, ...]) -> dict[int, list[int]]:
     return {pid: child_pids(pid) for pid in (os.getpid(), *parents)}
 
 
-def _procs(pids: list[int]) -> list[psutil.Process]:
-    out = []
-    for pid in pids:
-        try:
-            out.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
-    return out
-
-
 def find_leftovers(known: set[int], workers: dict[int, str | None], running: dict[str, float],
                    kids: dict[int, list[int]] | None = None) -> list[psutil.Process]:
     """Processes that outlived their job.
@@ -77,12 +67,12 @@ def find_leftovers(known: set[int], workers: dict[int, str | None], running: dic
     kids = kids if kids is not None else child_map(tuple(workers))
     found: list[psutil.Process] = []
     earliest = min(running.values(), default=None)
-    for p in _procs([c for c in kids.get(os.getpid(), []) if c not in known]):
+    for p in procs([c for c in kids.get(os.getpid(), []) if c not in known]):
         if not _owned(p, running, earliest):
             found.append(p)
     for pid, jid in workers.items():
         mine = {jid: running[jid]} if jid in running else {}
-        found += [p for p in _procs(kids.get(pid, [])) if not _owned(p, mine, mine.get(jid or ""))]
+        found += [p for p in procs(kids.get(pid, [])) if not _owned(p, mine, mine.get(jid or ""))]
     return [p for p in found if alive(p)]
 
 

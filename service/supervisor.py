@@ -116,6 +116,11 @@ def children(pid: int) -> list[psutil.Process]:
             return psutil.Process(pid).children()
         except psutil.Error:
             return []
+    return procs(pids)
+
+
+def procs(pids: list[int]) -> list[psutil.Process]:
+    """psutil handles for those of `pids` that still exist."""
     out = []
     for c in pids:
         try:
