@@ -445,10 +445,14 @@ def fork_chain(heartbeat, stop, seconds=30):
     """A process that keeps replacing itself by a fresh fork (its parent exits at once), so its
     pid never lasts more than a millisecond or so: a kill by pid, or a scan of processes, misses
     it. It writes the time to `heartbeat` every 0.1 s (proof it still runs) and ends itself once
-    `stop` exists or after `seconds`. The job returns at once; the chain runs on without it."""
+    `stop` exists or after `seconds`. The job returns once the chain has beaten; the chain runs on
+    without it."""
     pid = os.fork()
     if pid:
         os.waitpid(pid, 0)
+        until = time.monotonic() + 5  # returns once the chain runs (it beats), so it is a leftover
+        while not os.path.exists(heartbeat) and time.monotonic() < until:
+            time.sleep(0.001)
         return "started"
     end = time.monotonic() + seconds
     beat = 0.0
