@@ -91,17 +91,6 @@ def _note_fork() -> None:
     _forked[0] = True
 
 
-def _children() -> list[int]:
-    pids: list[int] = []
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                pids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return pids
-
-
 def _end_forked(patience: float = 0.05, limit: float = 2.0) -> None:
     """Ends what a job that forked left running, here and now: SIGTERM at first sight, SIGKILL
     once `patience` is spent, reaping as it goes, until no child is left.
@@ -112,12 +101,14 @@ def _end_forked(patience: float = 0.05, limit: float = 2.0) -> None:
     job's. What a job started without forking from Python (subprocess) carries its job tag and is
     left to the daemon's sweep, with its grace.
     """
+    from service.supervisor import child_pids  # only jobs that fork come here
+
     _forked[0] = False
     seen: dict[int, float] = {}
     start = time.monotonic()
     while (now := time.monotonic()) - start < limit:
         _reap()
-        pids = _children()
+        pids = child_pids(os.getpid())
         if not pids:
             return
         for pid in pids:
