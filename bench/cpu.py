@@ -18,8 +18,8 @@ the effect measured, and neither is poold's doing:
   follows from what the process allocated before (its imports, down to the directories on
   sys.path), not from anything the loop does, and the speed it gives is reproducible: the same
   poold ran the loop 7-10% slower than this process's executor did, and 1.6% slower after one
-  more directory on PYTHONPATH; a plain forkserver executor has shown the same 7-12% against a
-  fork one. One set of processes against one other set is a single draw of that lottery, so each
+  more directory on PYTHONPATH; a plain forkserver executor has run it 1-12% slower than a fork
+  one. One set of processes against one other set is a single draw of that lottery, so each
   round runs in a fresh `python -m bench.cpu --round R` (its executor forked from it, its poold
   started by it) with a directory of R*6 empty files on its PYTHONPATH, which lays out all of
   the round's processes anew, and the median over the rounds is the figure.
