@@ -21,6 +21,7 @@ from service.config import Config
 from service.metrics import Metrics
 from service.pool import Pool, Slot
 from service.store import Claimed, Store
+from service.waiters import Waiters
 
 log = logging.getLogger("poold.scheduler")
 
@@ -53,14 +54,6 @@ class _Stats:
         return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(avg, 1e-6))))
 
 
-class _Waiter:
-    __slots__ = ("event", "left")
-
-    def __init__(self, left: int) -> None:
-        self.left = left
-        self.event = asyncio.Event()
-
-
 def _error(kind: str, message: str) -> dict[str, Any]:
     return {"type": kind, "message": message, "exception": None, "traceback": None}
 
@@ -77,7 +70,7 @@ class Scheduler:
         self.dispatched: dict[str, tuple[Slot, list[Claimed]]] = {}
         self.running: dict[str, Running] = {}  # started, not ended
         self.cancelled_pending: set[str] = set()
-        self.waiters: dict[str, list[_Waiter]] = {}
+        self.waiters = Waiters()
         self.stats = _Stats()
         self._timers: dict[Slot, tuple[float, asyncio.Handle]] = {}
         self.accepting = True  # False while draining: nothing new starts
@@ -165,7 +158,7 @@ class Scheduler:
             if r.slot is slot and not r.written:
                 self._write_start(r)
         if finished:
-            self.store.after_commit(lambda: self._wake(finished))
+            self.store.after_commit(lambda: self.waiters.wake(finished))
         self.kick()
 
     def _worker_info(self, slot: Slot) -> str:
@@ -273,7 +266,7 @@ class Scheduler:
             self._failed(r, "failed",
                          _error("worker_died", f"the worker process (pid {slot.pid}) {slot.exit}"))
         if ended:
-            self.store.after_commit(lambda: self._wake(ended))
+            self.store.after_commit(lambda: self.waiters.wake(ended))
 
     def _kill_job(self, r: Running, why: str) -> None:
         """SIGKILL at once: the worker's tree, and what the job detached that no other job can own."""
@@ -304,39 +297,12 @@ class Scheduler:
                 self.cancelled_pending.add(jid)
                 self.pool.cancel_pending(entry[0], jid)
         self.metrics.finished.labels("cancelled").inc()
-        self.store.after_commit(lambda: self._wake([jid]))
+        self.store.after_commit(lambda: self.waiters.wake([jid]))
         return "cancelled"
 
     async def wait(self, ids: list[str], timeout: float, need_all: bool = True) -> None:
-        """Returns when the jobs end (one of them, unless need_all) or after timeout seconds.
-
-        One waiter object serves all the ids, so a long-poll on thousands of jobs costs one
-        wake-up, not thousands of tasks. The caller passes only jobs not yet final.
-        """
-        if not ids:
-            return
-        w = _Waiter(len(ids) if need_all else 1)
-        for jid in ids:
-            self.waiters.setdefault(jid, []).append(w)
-        try:
-            await asyncio.wait_for(w.event.wait(), timeout)
-        except TimeoutError:
-            pass
-        finally:
-            if w.left > 0:
-                for jid in ids:
-                    lst = self.waiters.get(jid)
-                    if lst is not None and w in lst:
-                        lst.remove(w)
-                        if not lst:
-                            del self.waiters[jid]
-
-    def _wake(self, ids: list[str]) -> None:
-        for jid in ids:
-            for w in self.waiters.pop(jid, ()):
-                w.left -= 1
-                if w.left <= 0:
-                    w.event.set()
+        """Returns when the jobs end (one of them, unless need_all) or after timeout seconds."""
+        await self.waiters.wait(ids, timeout, need_all)
 
     def progress_json(self, jid: str) -> str | None:
         """Live progress of a running job as JSON text (None when it reported none)."""
