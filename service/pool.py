@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,44 +23,12 @@ from typing import Any
 
 import psutil
 
-from service import ledger, supervisor, worker
+from service import exitstatus, ledger, supervisor, worker
 from service.config import PoolConfig
 from service.frames import FrameReader
 from service.store import Claimed
 
 log = logging.getLogger("poold.pool")
-
-def _whole_exit_status_reads() -> None:
-    """Makes a forkserver child's exit status one read, whichever thread asks first.
-
-    Under forkserver, Popen.poll() reads the status from a pipe. Two threads poll the same
-    dying worker: the executor's own (joining it) and ours (Process.start() polls every child
-    to prune the dead: a new worker of another slot). When both read, one gets the status and
-    the other EOF, which multiprocessing records as 255, sometimes last. A lock around the read
-    (never around the wait) makes the first read the only one.
-    """
-    from multiprocessing import forkserver, popen_forkserver
-    from multiprocessing.connection import wait
-
-    if getattr(popen_forkserver.Popen.poll, "_poold", False):
-        return
-    lock = threading.Lock()
-
-    def poll(self: Any, flag: int = os.WNOHANG) -> int | None:
-        if self.returncode is None:
-            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
-                return None
-            with lock:
-                if self.returncode is None:
-                    try:
-                        self.returncode = forkserver.read_signed(self.sentinel)
-                    except (OSError, EOFError):  # the forkserver itself is gone
-                        self.returncode = 255
-        return self.returncode  # type: ignore[no-any-return]
-
-    poll._poold = True  # type: ignore[attr-defined]
-    popen_forkserver.Popen.poll = poll  # type: ignore[method-assign]
-
 
 EventHandler = Callable[["Slot", list[tuple[Any, ...]]], None]
 BatchEndHandler = Callable[["Slot", list[Claimed], BaseException | None], None]
@@ -110,7 +77,7 @@ class Pool:
         self.ledger = ledger_base  # the store's path: workers keep their start rings beside it
         self.ctx = multiprocessing.get_context(cfg.start_method)
         if cfg.start_method == "forkserver":
-            _whole_exit_status_reads()
+            exitstatus.whole_reads()
             # workers fork from a server that has already imported what they need: fast and shared
             self.ctx.set_forkserver_preload(["service.worker", "json", "psutil", *cfg.preload])
         self._on_events, self._on_batch_end, self._on_ready = on_events, on_batch_end, on_ready
