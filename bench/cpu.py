@@ -160,12 +160,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="each on fresh processes")
     ap.add_argument("--pairs", type=int, default=2,
                     help="PPE and poold runs per round, alternating (the best of each counts)")
-    ap.add_argument("--quick", action="store_true", help="one round of one pair")
+    ap.add_argument("--quick", action="store_true",
+                    help="three rounds of one pair (the median of three layouts, not one draw)")
     ap.add_argument("--round", type=int, help=argparse.SUPPRESS)  # in a child: run this round only
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.quick:
-        a.rounds, a.pairs = 1, 1
+        a.rounds, a.pairs = 3, 1
     if a.round is not None:
         print("ROUND " + json.dumps(one_round(a, a.round, a.n)), flush=True)
         return
