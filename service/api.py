@@ -6,6 +6,7 @@ Every answer is JSON, errors included ({"error": {"code", "message"}}). The
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -131,7 +132,15 @@ def _job_response(text: str, status: int = 200, headers: dict[str, str] | None =
 async def submit(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     _refuse_when_draining(ctx)
-    new = spec.parse(await _body(request), ctx.cfg.jobs, ctx.allow)
+    body = await _body(request)
+    if isinstance(body, dict) and isinstance(key := body.get("key"), str) \
+            and (row := ctx.store.by_key(key)) is not None:
+        # the contract: the kept job with this key, 200, whatever the rest of the body says
+        await ctx.store.committed()  # it may be a job enqueued a moment ago, not yet committed
+        found = ctx.store.get_json(row[1], ctx.scheduler.progress_json)
+        if found is not None:
+            return _job_response(found[1])
+    new = spec.parse(body, ctx.cfg.jobs, ctx.allow)
     if new.key is None or ctx.store.by_key(new.key) is None:
         _check_room(ctx, 1)
     [(jid, text, created)] = ctx.store.enqueue_many([new])
@@ -188,9 +197,25 @@ async def get_job(request: web.Request) -> web.Response:
     if found is None:
         raise ApiError(404, "not_found", f"no job {jid!r}")
     if wait and found[0] not in FINAL_STATES:
-        await ctx.scheduler.wait([jid], wait)
+        await _until_final(ctx, [jid], wait, True)
         found = ctx.store.get_json(jid, ctx.scheduler.progress_json) or found
     return _job_response(found[1])
+
+
+async def _until_final(ctx: Context, ids: list[str], timeout: float, need_all: bool) -> None:
+    """Waits until all of `ids` (or one, unless need_all) are in a final state, or `timeout`.
+
+    The scheduler wakes waiters at the end of every attempt; a job that is retried is not
+    finished, so its waiters go back to waiting for what is left of their time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while ids and (left := deadline - loop.time()) > 0:
+        await ctx.scheduler.wait(ids, left, need_all)
+        states = ctx.store.states(ids)
+        still = [i for i in ids if states.get(i) not in (None, *FINAL_STATES)]
+        if not still or (not need_all and len(still) < len(ids)):
+            return
+        ids = still
 
 
 async def wait_jobs(request: web.Request) -> web.Response:
@@ -217,7 +242,7 @@ async def wait_jobs(request: web.Request) -> web.Response:
     open_ids = [i for i in ids if states.get(i) not in (None, *FINAL_STATES)]
     done = len(states) - len(open_ids)
     if timeout and open_ids and (need_all or done == 0):
-        await ctx.scheduler.wait(open_ids, timeout, need_all)
+        await _until_final(ctx, open_ids, timeout, need_all)
     return _job_response('{"jobs":[' + ",".join(ctx.store.finished_json(ids)) + "]}")
 
 

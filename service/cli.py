@@ -125,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Loads the configuration (exit 2 when invalid), then runs the daemon."""
+    import signal
+    import threading
+
+    # a SIGTERM/SIGINT before the event loop takes over is noted, not fatal: the daemon then
+    # starts and stops cleanly at once (exit 0), as it would a moment later
+    early: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda signum, _frame: early.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(args, early)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args: argparse.Namespace, early: list[int]) -> int:
     from service.config import ConfigError, load
 
     path = args.config if args.config is not None else (os.environ.get("POOLD_CONFIG") or None)
@@ -136,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from service.daemon import run  # heavy (aiohttp, uvloop): only for serve
 
-    return run(cfg)
+    return run(cfg, early)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

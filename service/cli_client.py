@@ -153,11 +153,13 @@ def workers(client: Client, args: argparse.Namespace) -> int:
 
 
 def health(client: Client, args: argparse.Namespace) -> int:
-    ok = client.health()
+    report = client.health_report()
+    ok = report.get("status") == "ok"
     if args.json:
-        print_json({"status": "ok" if ok else "unhealthy"})
+        print_json(report)
     else:
-        print("ok" if ok else "unhealthy")
+        reasons = "; ".join(map(str, report.get("reasons") or ()))
+        print("ok" if ok else f"unhealthy: {reasons}" if reasons else "unhealthy")
     return 0 if ok else 1
 
 

@@ -33,8 +33,11 @@ from service.watch import Watch
 log = logging.getLogger("poold")
 
 
-def run(cfg: Config) -> int:
-    """Runs the daemon until SIGTERM or SIGINT; 0 after a clean shutdown, 1 on a fatal error."""
+def run(cfg: Config, early: list[int] | None = None) -> int:
+    """Runs the daemon until SIGTERM or SIGINT; 0 after a clean shutdown, 1 on a fatal error.
+
+    `early`: signals that came before the event loop's handlers were in place (noted by the
+    caller); the daemon then stops as soon as it has started."""
     logs.setup(cfg.log.level, cfg.log.format)
     # the executors' threads (feeding work to workers) must not wait 5 ms for the GIL while the
     # event loop is busy: that wait would be every job's latency
@@ -52,7 +55,7 @@ def run(cfg: Config) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_serve(cfg))
+        return uvloop.run(_serve(cfg, early or []))
     except _Fatal as e:
         log.error("%s", e)
         return 1
@@ -119,12 +122,14 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
-async def _serve(cfg: Config) -> int:
+async def _serve(cfg: Config, early: list[int]) -> int:
     loop = asyncio.get_running_loop()
     stop, reload = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
+    if early:
+        stop.set()
     supervisor.set_subreaper()
     try:
         store = Store(cfg.store.path)
@@ -154,7 +159,7 @@ async def _serve(cfg: Config) -> int:
             log.info("poold %s serving on %s with %d workers (%s), store %s", service.__version__,
                      ", ".join(where), cfg.pool.size, cfg.pool.start_method, cfg.store.path)
             watch_task = loop.create_task(Watch(ctx).run())
-            await _wait_ready(scheduler)
+            await _wait_ready(scheduler, stop)
             systemd.notify("READY=1", f"STATUS=serving with {cfg.pool.size} workers")
             while not stop.is_set():
                 await _first(stop, reload)
@@ -180,10 +185,11 @@ async def _serve(cfg: Config) -> int:
     return 0
 
 
-async def _wait_ready(scheduler: Scheduler, timeout: float = 30.0) -> None:
-    """Waits until a worker runs (or timeout): READY=1 means jobs are really accepted and run."""
+async def _wait_ready(scheduler: Scheduler, stop: asyncio.Event, timeout: float = 30.0) -> None:
+    """Waits until a worker runs (or timeout, or a stop): READY=1 means jobs are really accepted
+    and run. A SIGTERM meanwhile (workers that cannot start) drains at once, not 30 s later."""
     end = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < end:
+    while asyncio.get_running_loop().time() < end and not stop.is_set():
         if any(s.state != "starting" for s in scheduler.pool.slots.values()):
             return
         await asyncio.sleep(0.02)

@@ -34,12 +34,20 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
 
 
+def _kind(v: Any) -> str:
+    """A JSON value's type, in JSON's words."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
 def _int(spec: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
     v = spec.get(name, default)
-    if v is None:
-        return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _invalid(f"{name}: expected an integer from {lo} to {hi}, got {type(v).__name__}")
+        raise _invalid(f"{name}: expected an integer from {lo} to {hi}, got {_kind(v)}")
     if not lo <= v <= hi:
         raise _invalid(f"{name}: must be from {lo} to {hi}, got {v}")
     return v
@@ -111,15 +119,11 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
             raise _invalid("fn: expected 'module:name' (a Python module path, a colon, a function name)")
         allow.check(fn)
     args = spec.get("args", [])
-    if args is None:
-        args = []
-    if not isinstance(args, list):
-        raise _invalid(f"args: expected a list, got {type(args).__name__}")
+    if not isinstance(args, list):  # null too: only timeout and key may be null
+        raise _invalid(f"args: expected a list, got {_kind(args)}")
     kwargs = spec.get("kwargs", {})
-    if kwargs is None:
-        kwargs = {}
     if not isinstance(kwargs, dict):
-        raise _invalid(f"kwargs: expected an object, got {type(kwargs).__name__}")
+        raise _invalid(f"kwargs: expected an object, got {_kind(kwargs)}")
     for k in kwargs:
         if not k.isidentifier():
             raise _invalid(f"kwargs: {k!r} is not a valid keyword argument name")

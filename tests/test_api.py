@@ -386,6 +386,10 @@ def test_idempotency_key(api):
                                "timeout": 5, "key": key})
     assert r3.status == 200 and r3.json["id"] == r1.json["id"], r3
     assert (r3.json["fn"], r3.json["args"], r3.json["priority"]) == ("tests.jobs:add", [1, 2], 0), r3
+    for rest in ({"fn": "os:system", "args": ["true"]}, {"fn": "tests.jobs:add", "priority": 99999},
+                 {"fn": "no colon", "args": None, "bogus": 1}):  # even when the rest is refused
+        r = api.post("/v1/jobs", {**rest, "key": key})
+        assert r.status == 200 and r.json["id"] == r1.json["id"], (rest, r)
     assert api.wait_done(r1.json["id"])["result"] == 3
     # still the kept job once finished
     r4 = api.post("/v1/jobs", {"fn": "tests.jobs:add", "args": [5, 5], "key": key})
@@ -742,6 +746,11 @@ INVALID_SPECS = [
     ("key", {"fn": "tests.jobs:add", "key": "k" * 201}),
     ("key", {"fn": "tests.jobs:add", "key": 5}),
     ("key", {"fn": "tests.jobs:add", "key": ["k"]}),
+    # only timeout and key may be null
+    ("args", {"fn": "tests.jobs:add", "args": None}),
+    ("kwargs", {"fn": "tests.jobs:echo", "kwargs": None}),
+    ("priority", {"fn": "tests.jobs:add", "priority": None}),
+    ("retries", {"fn": "tests.jobs:add", "retries": None}),
     ("bogus_field", {"fn": "tests.jobs:add", "args": [1, 2], "bogus_field": 1}),
 ]
 
@@ -917,6 +926,19 @@ def test_retries(api, tmp_path, fn, args, retries, state, etype, attempts):
         assert j["error"]["type"] == etype, j
     else:
         assert j["error"] is None and j["result"] == attempts, j
+
+
+@pytest.mark.parametrize("how", ["get", "wait"])
+def test_a_long_poll_outlasts_the_retries(api, tmp_path, how):
+    """?wait and POST /v1/jobs/wait answer once the job is finished, not when an attempt fails."""
+    jid = api.submit("tests.jobs:flaky", str(tmp_path / "counter"), 2, retries=2)["id"]
+    if how == "get":
+        r = api.get(f"/v1/jobs/{jid}?wait=30")
+        job = r.json
+    else:
+        r = api.post("/v1/jobs/wait", {"ids": [jid], "timeout": 30})
+        [job] = r.json["jobs"]
+    assert r.status == 200 and job["state"] == "succeeded" and job["attempts"] == 3, job
 
 
 def test_error_types_are_the_contracts(api):

@@ -678,3 +678,45 @@ def test_a_token_guards_everything_but_health_on_a_non_loopback_host(daemon_fact
     assert d.get("/metrics").status == 200
     assert d.get("/openapi.json").status == 200
     assert d.run("tests.jobs:add", 3, 4)["result"] == 7
+
+
+def _answers(d: Any) -> bool:
+    try:
+        return d.get("/health", timeout=2).status in (200, 503)
+    except OSError:
+        return False
+
+
+def test_sigterm_drains_at_once_when_no_worker_can_start(daemon_factory):
+    """Workers that cannot start (a preload that fails) must not hold a SIGTERM back: the daemon
+    refuses jobs (503 draining) and exits 0 within moments, not when its wait for workers ends."""
+    d = daemon_factory(cfg={"pool": {"workers": 1, "preload": ["no_such_module_poold_test"]}})
+    d.start(wait=False)
+    assert wait_for(lambda: _answers(d), 30), d.logtext()
+    assert d.get("/health").status == 503  # no worker is alive
+    d.signal(signal.SIGTERM)
+    t = time.monotonic()
+    assert d.wait_exit(10) == 0, d.logtext()
+    assert time.monotonic() - t < 10
+
+
+def _catches_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_sigterm_during_start_up_is_a_clean_stop(daemon_factory, delay):
+    """A SIGTERM that comes while the daemon starts (loading its configuration, importing, opening
+    the store: before the event loop's handlers exist) is a clean stop, exit status 0, from the
+    moment the process catches SIGTERM at all (before that, the interpreter itself is starting)."""
+    d = daemon_factory()
+    d.start(wait=False)
+    assert wait_for(lambda: _catches_sigterm(d.proc.pid), 30)
+    time.sleep(delay)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(30) == 0, d.logtext()

@@ -147,3 +147,7 @@ class AsyncClient:
     async def health(self) -> bool:
         """True when the daemon answers 200, False on 503; PooldUnavailable when unreachable."""
         return await self._do(ops.health())
+
+    async def health_report(self) -> dict[str, Any]:
+        """The /health body (status, reasons, counts), whether healthy or not."""
+        return await self._do(ops.health_report())

@@ -218,9 +218,13 @@ def workers() -> Op[list[dict[str, Any]]]:
 
 def health() -> Op[bool]:
     """True when the daemon answers 200, False on 503 (unhealthy or draining)."""
+    report = yield from health_report()
+    return report.get("status") == "ok"
+
+
+def health_report() -> Op[dict[str, Any]]:
+    """The /health body, as the daemon sent it, whether 200 (ok) or 503 (unhealthy)."""
     response = yield Request("GET", "/health")
-    if response.status == 200:
-        return True
-    if response.status == 503:
-        return False
+    if response.status in (200, 503) and isinstance(response.data, dict):
+        return response.data
     raise error_from(response.status, response.data, response.raw, response.retry_after)

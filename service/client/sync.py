@@ -216,3 +216,7 @@ class Client:
     def health(self) -> bool:
         """True when the daemon answers 200, False on 503; PooldUnavailable when unreachable."""
         return self._do(ops.health())
+
+    def health_report(self) -> dict[str, Any]:
+        """The /health body (status, reasons, counts), whether healthy or not."""
+        return self._do(ops.health_report())
