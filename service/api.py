@@ -315,13 +315,14 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def _no_route(request: web.Request) -> web.Response:
+    allowed: set[str] = set()  # a path may have a resource per method (/v1/jobs: GET and POST)
     for resource in request.app.router.resources():
-        if resource.canonical == "/{tail}":
-            continue
-        _, allowed = await resource.resolve(request)
-        if allowed:
-            raise ApiError(405, "method_not_allowed",
-                           f"{request.method} is not allowed here (allowed: {', '.join(sorted(allowed))})")
+        if resource.canonical != "/{tail}":
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        raise ApiError(405, "method_not_allowed",
+                       f"{request.method} is not allowed here (allowed: {methods})", {"Allow": methods})
     raise ApiError(404, "not_found", f"no such path: {request.path[:200]}")
 
 

@@ -195,22 +195,26 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, str, Any]]:
             continue
         rest = var[len("POOLD_"):].lower()
         for section in _TYPES:
-            if rest.startswith(section + "_"):
+            if rest == section or rest.startswith(section + "_"):  # POOLD_POOL: a key is missing
                 key = rest[len(section) + 1:]
                 out.append((var, section, key, _parse_env_value(text)))
                 break
     return out
 
 
-def _apply(values: dict[str, dict[str, Any]], section: str, key: str, value: Any, where: str) -> None:
+def _apply(values: dict[str, dict[str, Any]], section: str, key: str, value: Any, where: str,
+           origins: dict[str, str]) -> None:
     if section not in _TYPES:
         raise ConfigError(where, section, f"unknown section [{section}]")
     defaults = {f.name: f.default for f in fields(_TYPES[section])}
+    if not key:  # POOLD_POOL=3
+        raise ConfigError(where, section, f"names no key (POOLD_{section.upper()}_<KEY>)")
     if key not in defaults:
         raise ConfigError(where, f"{section}.{key}", f"unknown key in [{section}]")
     typed = _coerce(value, defaults[key], where, f"{section}.{key}")
     _check(section, key, typed, where)
     values.setdefault(section, {})[key] = typed
+    origins[f"{section}.{key}"] = where
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -222,6 +226,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     """
     env = os.environ if env is None else env
     values: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}  # "section.key" -> the file, variable or flag that set it
     source = "<defaults>"
     if path is not None:
         source = os.fspath(path)
@@ -238,40 +243,44 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             if not isinstance(table, dict):
                 raise ConfigError(source, section, "expected a table")
             for key, value in table.items():
-                _apply(values, section, key, value, source)
+                _apply(values, section, key, value, source, origins)
     for var, section, key, value in _env_overrides(env):
-        _apply(values, section, key, value, var)
+        _apply(values, section, key, value, var, origins)
     for name, value in (flags or {}).items():
         if value is not None:
             section, key = name.split(".", 1)
-            _apply(values, section, key, value, FLAG_NAMES.get(name, "--" + key.replace("_", "-")))
+            _apply(values, section, key, value, FLAG_NAMES.get(name, "--" + key.replace("_", "-")),
+                   origins)
     cfg = Config(**{s: _TYPES[s](**values.get(s, {})) for s in _TYPES},  # type: ignore[arg-type]
                  source=source, path=None if path is None else os.fspath(path),
                  flags=tuple((k, v) for k, v in (flags or {}).items() if v is not None))
-    _check_whole(cfg)
+    _check_whole(cfg, origins)
     return cfg
 
 
-def _check_whole(cfg: Config) -> None:
-    """Rules that involve more than one key."""
+def _check_whole(cfg: Config, origins: dict[str, str]) -> None:
+    """Rules that involve more than one key; an error names where the key it names was set."""
     s = cfg.server
+
+    def error(key: str, message: str) -> ConfigError:
+        return ConfigError(origins.get(key, cfg.source), key, message)
+
     if s.port == 0 and not s.unix_socket:
-        raise ConfigError(cfg.source, "server.port", "0 needs server.unix_socket (nothing to listen on)")
+        raise error("server.port", "0 needs server.unix_socket (nothing to listen on)")
     if s.token and s.token_file:
-        raise ConfigError(cfg.source, "server.token_file", "set server.token or server.token_file, not both")
+        raise error("server.token_file", "set server.token or server.token_file, not both")
     if s.token_file:
         try:
             token = cfg.token
         except OSError as e:
-            raise ConfigError(cfg.source, "server.token_file",
-                              f"cannot read {s.token_file}: {e.strerror}") from None
+            raise error("server.token_file", f"cannot read {s.token_file}: {e.strerror}") from None
         if not token:
-            raise ConfigError(cfg.source, "server.token_file", f"{s.token_file} is empty")
+            raise error("server.token_file", f"{s.token_file} is empty")
     if cfg.jobs.default_timeout > cfg.jobs.max_timeout:
-        raise ConfigError(cfg.source, "jobs.default_timeout", "must not exceed jobs.max_timeout")
+        raise error("jobs.default_timeout", "must not exceed jobs.max_timeout")
     if not is_loopback(s.host) and not (s.token or s.token_file):
-        raise ConfigError(cfg.source, "server.host",
-                          f"{s.host!r} is not a loopback address: set server.token to listen there")
+        raise error("server.host",
+                    f"{s.host!r} is not a loopback address: set server.token to listen there")
 
 
 def is_loopback(host: str) -> bool:

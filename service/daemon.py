@@ -9,10 +9,12 @@ next start when retries are left), then SIGTERM → SIGKILL → reap the workers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -85,6 +87,7 @@ async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[st
                     shutdown_timeout=1.0)
     await runner.setup()
     where = []
+    made: list[str] = []  # socket files this instance created: removed on the way out
     try:
         activated = systemd.listen_sockets()
         sites: list[web.BaseSite] = [web.SockSite(runner, s) for s in activated]
@@ -96,6 +99,7 @@ async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[st
             if cfg.server.unix_socket:
                 _remove_stale_socket(cfg.server.unix_socket)
                 sites.append(web.UnixSite(runner, cfg.server.unix_socket))
+                made.append(cfg.server.unix_socket)
                 where.append(f"unix:{cfg.server.unix_socket}")
         for site in sites:
             try:
@@ -105,11 +109,15 @@ async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[st
         yield where
     finally:
         await runner.cleanup()
+        for path in made:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
 
 
 def _remove_stale_socket(path: str) -> None:
     """Removes a socket file left by a dead instance (never a live one's, never a regular file)."""
-    if not os.path.exists(path) or not __import__("stat").S_ISSOCK(os.stat(path).st_mode):
+    if not os.path.exists(path) or not stat.S_ISSOCK(os.stat(path).st_mode):
         return
     probe = socket.socket(socket.AF_UNIX)
     try:

@@ -687,7 +687,12 @@ def test_method_not_allowed(api, method, path):
     jid = api.run("tests.jobs:add", 1, 1)["id"]
     body = {"fn": "tests.jobs:noop"} if method in ("PUT", "PATCH", "POST") else None
     n = count(api)
-    expect_error(api.request(method, path.replace("{id}", jid), body), 405, "method_not_allowed")
+    r = api.request(method, path.replace("{id}", jid), body)
+    err = expect_error(r, 405, "method_not_allowed")
+    allow = r.headers.get("Allow", "").split(", ")
+    assert method not in allow and all(m in err["message"] for m in allow), (r.headers, err)
+    if path == "/v1/jobs":  # a path with a resource per method: every one is named
+        assert allow == ["GET", "POST"], allow
     assert count(api) == n
 
 

@@ -305,6 +305,11 @@ def test_missing_file_is_an_error(tmp_path):
     ({"POOLD_LOG_LEVEL": "loud"}, "POOLD_LOG_LEVEL", "level"),
     ({"POOLD_SERVER_PORT": "99999"}, "POOLD_SERVER_PORT", "port"),
     ({"POOLD_JOBS_DEFAULT_TIMEOUT": "soon"}, "POOLD_JOBS_DEFAULT_TIMEOUT", "default_timeout"),
+    ({"POOLD_POOL": "3"}, "POOLD_POOL", "pool"),  # a section and no key
+    # rules across keys name where the key they name was set
+    ({"POOLD_SERVER_HOST": "0.0.0.0"}, "POOLD_SERVER_HOST", "server.host"),
+    ({"POOLD_SERVER_PORT": "0"}, "POOLD_SERVER_PORT", "server.port"),
+    ({"POOLD_JOBS_DEFAULT_TIMEOUT": "7200"}, "POOLD_JOBS_DEFAULT_TIMEOUT", "default_timeout"),
 ])
 def test_env_errors_name_the_variable(env, var, key):
     e = load_error(None, env=env)
@@ -336,6 +341,13 @@ def test_non_loopback_host_with_a_token(host, tmp_path):
     tf.write_text("from-file\n")
     cfg = load(None, env={**env, "POOLD_SERVER_TOKEN_FILE": str(tf)})
     assert cfg.server.host == host and cfg.token == "from-file"
+
+
+def test_a_rule_across_keys_names_the_flag_or_file_that_set_the_key(tmp_path):
+    p = write(tmp_path, "[server]\nport = 8000\n")
+    assert load_error(p, flags={"server.host": "0.0.0.0"}).source == "--host"
+    q = write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
+    assert load_error(q, env={"POOLD_SERVER_PORT": "8000"}).source == str(q)
 
 
 def test_port_zero_needs_a_unix_socket(tmp_path):

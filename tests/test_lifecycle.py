@@ -634,6 +634,7 @@ def test_unix_socket(daemon_factory, short_dir, tcp):
     assert j["state"] == "succeeded" and j["result"] == 42, j
     d.signal(signal.SIGTERM)
     stopped_cleanly(d)
+    assert not os.path.exists(path), "a clean stop removes its socket file"
 
 
 @pytest.mark.parametrize(("server", "key"), [
