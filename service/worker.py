@@ -53,6 +53,10 @@ def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str
         import setproctitle
 
         setproctitle.setproctitle(f"poold: worker {slot}")
+        # a process a job forks (os.fork, a fork-started multiprocessing child) is not this
+        # worker: `ps` must show one "poold: worker N" per slot, and name the rest for what it is
+        os.register_at_fork(after_in_child=lambda: setproctitle.setproctitle(
+            f"poold: job child (worker {slot})"))
     except ImportError:  # pragma: no cover - a declared dependency
         pass
     # The daemon decides when a worker ends; a Ctrl-C in the terminal must not kill jobs mid-way.

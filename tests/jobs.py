@@ -545,3 +545,17 @@ def flood_output(mb, fds=(1, 2)):
         for _ in range(mb * 1024):
             os.write(fd, line)
     return mb
+
+
+def forked_title():
+    """The process title a child this job forks has (read by the child, from /proc)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        with open("/proc/self/cmdline", "rb") as f:
+            os.write(w, f.read().replace(b"\0", b" ").strip())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return f.read().decode()

@@ -551,6 +551,9 @@ def test_process_titles(daemon_factory, tmp_path, start_method):
     pidfile = tmp_path / "child.pid"
     jid = d.submit("tests.jobs:spawn_and_hang", str(pidfile), timeout=120)["id"]
     assert ps_args(read_pid(pidfile)) == "sleep 300"
+    # and one it forks (no exec) is not taken for a worker
+    forked = d.run("tests.jobs:forked_title")
+    assert forked["result"].startswith("poold: job child (worker "), forked
     # a replacement keeps its slot's name (a cancel replaces the worker)
     w = d.wait_state(jid, "running")["worker"]
     assert d.delete(f"/v1/jobs/{jid}").status == 200
