@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -173,10 +174,25 @@ def _check(section: str, key: str, value: Any, where: str) -> None:
             mod, sep, attr = pattern.partition(":")
             if not sep or not mod or not attr:
                 raise ConfigError(where, name, f"{pattern!r} is not 'module:name' or 'module:*'")
+    if name == "store.path" and not value.strip():
+        raise ConfigError(where, name, "must name a file (or :memory:)")
     if name == "pool.preload":
         for mod in value:
             if not mod or not all(part.isidentifier() for part in mod.split(".")):
                 raise ConfigError(where, name, f"{mod!r} is not a module name")
+            if not _findable(mod):  # else no worker could ever start: they would fail in a loop
+                raise ConfigError(where, name, f"module {mod!r} not found")
+
+
+def _findable(mod: str) -> bool:
+    """Whether the module can be found on this process's path (its code is not run; a dotted
+    name imports its parent packages, as the workers will)."""
+    import importlib.util
+
+    try:
+        return mod in sys.modules or importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _parse_env_value(text: str) -> Any:

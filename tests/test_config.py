@@ -262,6 +262,8 @@ def test_error_carries_source_key_and_message(tmp_path):
     ("[jobs]\nallow = ['service.demo:*', '']\n", "allow"),
     ("[pool]\npreload = ['not a module']\n", "preload"),
     ("[pool]\npreload = ['']\n", "preload"),
+    ("[pool]\npreload = ['no_such_module_poold_test']\n", "preload"),  # no worker could start
+    ("[store]\npath = ''\n", "store.path"),
     # cross-key rules
     ("[server]\nhost = '0.0.0.0'\n", "host"),
     ("[server]\nhost = '192.0.2.1'\n", "host"),

@@ -691,7 +691,7 @@ def _answers(d: Any) -> bool:
 def test_sigterm_drains_at_once_when_no_worker_can_start(daemon_factory):
     """Workers that cannot start (a preload that fails) must not hold a SIGTERM back: the daemon
     refuses jobs (503 draining) and exits 0 within moments, not when its wait for workers ends."""
-    d = daemon_factory(cfg={"pool": {"workers": 1, "preload": ["no_such_module_poold_test"]}})
+    d = daemon_factory(cfg={"pool": {"workers": 1, "preload": ["tests.broken_import"]}})
     d.start(wait=False)
     assert wait_for(lambda: _answers(d), 30), d.logtext()
     assert d.get("/health").status == 503  # no worker is alive
