@@ -133,8 +133,7 @@ async def submit(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     _refuse_when_draining(ctx)
     body = await _body(request)
-    if isinstance(body, dict) and isinstance(key := body.get("key"), str) \
-            and (row := ctx.store.by_key(key)) is not None:
+    if (key := spec.key_of(body)) is not None and (row := ctx.store.by_key(key)) is not None:
         # the contract: the kept job with this key, 200, whatever the rest of the body says
         await ctx.store.committed()  # it may be a job enqueued a moment ago, not yet committed
         found = ctx.store.get_json(row[1], ctx.scheduler.progress_json)

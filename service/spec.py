@@ -34,6 +34,25 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
 
 
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def key_of(body: Any) -> str | None:
+    """The body's idempotency key when it is a valid one, else None (parse says what is wrong):
+    a kept job's key is looked up before anything else in the body is checked."""
+    key = body.get("key") if isinstance(body, dict) else None
+    if isinstance(key, str) and 1 <= len(key) <= 200 and _encodable(key):
+        return key
+    return None
+
+
 def _kind(v: Any) -> str:
     """A JSON value's type, in JSON's words."""
     if v is None:
@@ -139,11 +158,8 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     key = spec.get("key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
         raise _invalid("key: expected a string of 1 to 200 characters or null")
-    if key is not None and not key.isascii():
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _invalid("key: not valid Unicode (a lone surrogate)") from None
+    if key is not None and not _encodable(key):
+        raise _invalid("key: not valid Unicode (a lone surrogate)")
     try:  # encoded once, here: a number too large for a float (1e400) is no JSON number
         args_json = json.dumps(args, allow_nan=False) if args else "[]"
         kwargs_json = json.dumps(kwargs, allow_nan=False) if kwargs else "{}"
