@@ -129,12 +129,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     # a SIGTERM/SIGINT before the event loop takes over is noted, not fatal: the daemon then
-    # starts and stops cleanly at once (exit 0), as it would a moment later
+    # starts and stops cleanly at once (exit 0), as it would a moment later; a SIGHUP then is
+    # ignored (the configuration is being read anyway), not the end of the daemon
     early: list[int] = []
-    previous = {}
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, lambda signum, _frame: early.append(signum))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return _serve(args, early)
     finally:

@@ -185,14 +185,27 @@ def _check(section: str, key: str, value: Any, where: str) -> None:
 
 
 def _findable(mod: str) -> bool:
-    """Whether the module can be found on this process's path (its code is not run; a dotted
-    name imports its parent packages, as the workers will)."""
+    """Whether the module can be found on this process's path, without running any of its code
+    or its packages': a dotted name is followed through its packages' directories. Not found
+    means certainly not there; anything this cannot tell counts as found (the workers import)."""
+    import importlib.machinery
     import importlib.util
 
+    parts = mod.split(".")
     try:
-        return mod in sys.modules or importlib.util.find_spec(mod) is not None
-    except (ImportError, ValueError):
-        return False
+        if mod in sys.modules or (parts[0] in sys.modules and len(parts) > 1):
+            return True  # its top package is imported already: its workers' import will tell
+        spec = importlib.util.find_spec(parts[0])  # a top-level name: nothing is run
+        for i in range(1, len(parts)):
+            if spec is None:
+                return False
+            where = spec.submodule_search_locations
+            if where is None:
+                return True  # a module, not a package: its attributes cannot be told from here
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]), list(where))
+        return spec is not None
+    except Exception:  # noqa: BLE001 - a finder that fails: the workers' import will say why
+        return True
 
 
 def _parse_env_value(text: str) -> Any:
@@ -278,13 +291,20 @@ def _check_whole(cfg: Config, origins: dict[str, str]) -> None:
     """Rules that involve more than one key; an error names where the key it names was set."""
     s = cfg.server
 
-    def error(key: str, message: str) -> ConfigError:
-        return ConfigError(origins.get(key, cfg.source), key, message)
+    def error(key: str, message: str, *others: str) -> ConfigError:
+        """Names the key, and where the rule was broken: the most specific source among the
+        rule's keys (a flag over a variable over the file), as that is the one that changed."""
+        found = [origins[k] for k in (key, *others) if k in origins]
+        where = max(found, key=lambda w: 2 if w.startswith("--") else 1 if w.startswith("POOLD_")
+                    else 0, default=cfg.source)
+        return ConfigError(where, key, message)
 
     if s.port == 0 and not s.unix_socket:
-        raise error("server.port", "0 needs server.unix_socket (nothing to listen on)")
+        raise error("server.port", "0 needs server.unix_socket (nothing to listen on)",
+                    "server.unix_socket")
     if s.token and s.token_file:
-        raise error("server.token_file", "set server.token or server.token_file, not both")
+        raise error("server.token_file", "set server.token or server.token_file, not both",
+                    "server.token")
     if s.token_file:
         try:
             token = cfg.token
@@ -293,10 +313,11 @@ def _check_whole(cfg: Config, origins: dict[str, str]) -> None:
         if not token:
             raise error("server.token_file", f"{s.token_file} is empty")
     if cfg.jobs.default_timeout > cfg.jobs.max_timeout:
-        raise error("jobs.default_timeout", "must not exceed jobs.max_timeout")
+        raise error("jobs.default_timeout", "must not exceed jobs.max_timeout", "jobs.max_timeout")
     if not is_loopback(s.host) and not (s.token or s.token_file):
         raise error("server.host",
-                    f"{s.host!r} is not a loopback address: set server.token to listen there")
+                    f"{s.host!r} is not a loopback address: set server.token to listen there",
+                    "server.token", "server.token_file")
 
 
 def is_loopback(host: str) -> bool:

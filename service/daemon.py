@@ -57,7 +57,8 @@ def run(cfg: Config, early: list[int] | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_serve(cfg, early or []))
+        return uvloop.run(_serve(cfg, early if early is not None else []))  # the same list: the
+        # CLI's handlers keep noting signals into it until _serve puts the loop's own in place
     except _Fatal as e:
         log.error("%s", e)
         return 1
@@ -87,7 +88,7 @@ async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[st
                     shutdown_timeout=1.0)
     await runner.setup()
     where = []
-    made: list[str] = []  # socket files this instance created: removed on the way out
+    made: list[tuple[str, int, int]] = []  # socket files this instance bound: removed on the way out
     try:
         activated = systemd.listen_sockets()
         sites: list[web.BaseSite] = [web.SockSite(runner, s) for s in activated]
@@ -99,19 +100,22 @@ async def _listening(app: web.Application, cfg: Config) -> AsyncIterator[list[st
             if cfg.server.unix_socket:
                 _remove_stale_socket(cfg.server.unix_socket)
                 sites.append(web.UnixSite(runner, cfg.server.unix_socket))
-                made.append(cfg.server.unix_socket)
                 where.append(f"unix:{cfg.server.unix_socket}")
         for site in sites:
             try:
                 await site.start()
             except OSError as e:
                 raise _Fatal(f"cannot listen on {site.name}: {e}") from None
+            if isinstance(site, web.UnixSite):
+                st = os.stat(cfg.server.unix_socket)
+                made.append((cfg.server.unix_socket, st.st_dev, st.st_ino))
         yield where
     finally:
         await runner.cleanup()
-        for path in made:
+        for path, dev, ino in made:  # ours only: not a socket another process bound there since
             with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.stat(path).st_mode):
+                st = os.stat(path)
+                if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
                     os.unlink(path)
 
 
@@ -168,7 +172,8 @@ async def _serve(cfg: Config, early: list[int]) -> int:
                      ", ".join(where), cfg.pool.size, cfg.pool.start_method, cfg.store.path)
             watch_task = loop.create_task(Watch(ctx).run())
             await _wait_ready(scheduler, stop)
-            systemd.notify("READY=1", f"STATUS=serving with {cfg.pool.size} workers")
+            if not stop.is_set():  # stopped before it was ready: no READY=1, straight to STOPPING=1
+                systemd.notify("READY=1", f"STATUS=serving with {cfg.pool.size} workers")
             while not stop.is_set():
                 await _first(stop, reload)
                 if reload.is_set() and not stop.is_set():
@@ -220,6 +225,10 @@ def _reload(ctx: Context) -> None:
         token = new.token
     except (ConfigError, OSError) as e:
         log.error("reload refused, the configuration in force is kept: %s", e)
+        systemd.notify("READY=1")
+        return
+    except Exception:  # whatever a reload trips over (logged), the daemon serves on
+        log.exception("reload failed, the configuration in force is kept")
         systemd.notify("READY=1")
         return
     if (new.server.host, new.server.port, new.server.unix_socket) != (

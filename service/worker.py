@@ -52,11 +52,16 @@ def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str
     try:
         import setproctitle
 
-        setproctitle.setproctitle(f"poold: worker {slot}")
-        # a process a job forks (os.fork, a fork-started multiprocessing child) is not this
-        # worker: `ps` must show one "poold: worker N" per slot, and name the rest for what it is
-        os.register_at_fork(after_in_child=lambda: setproctitle.setproctitle(
-            f"poold: job child (worker {slot})"))
+        title = f"poold: worker {slot}"
+        setproctitle.setproctitle(title)
+
+        def retitle() -> None:
+            """A process a job forks (os.fork, a fork-started multiprocessing child) is not this
+            worker: `ps` shows one "poold: worker N" per slot. A title the job set is kept."""
+            if setproctitle.getproctitle() == title:
+                setproctitle.setproctitle(f"poold: job child (worker {slot})")
+
+        os.register_at_fork(after_in_child=retitle)
     except ImportError:  # pragma: no cover - a declared dependency
         pass
     # The daemon decides when a worker ends; a Ctrl-C in the terminal must not kill jobs mid-way.

@@ -547,8 +547,14 @@ def flood_output(mb, fds=(1, 2)):
     return mb
 
 
-def forked_title():
-    """The process title a child this job forks has (read by the child, from /proc)."""
+def forked_title(own=None):
+    """The process title a child this job forks has (read by the child, from /proc); with `own`,
+    the job first sets that title itself (and puts the worker's back before it returns)."""
+    import setproctitle
+
+    before = setproctitle.getproctitle()
+    if own is not None:
+        setproctitle.setproctitle(own)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -557,5 +563,6 @@ def forked_title():
         os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
+    setproctitle.setproctitle(before)
     with os.fdopen(r, "rb") as f:
         return f.read().decode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -345,11 +346,28 @@ def test_non_loopback_host_with_a_token(host, tmp_path):
     assert cfg.server.host == host and cfg.token == "from-file"
 
 
-def test_a_rule_across_keys_names_the_flag_or_file_that_set_the_key(tmp_path):
+def test_a_rule_across_keys_names_the_most_specific_source_of_its_keys(tmp_path):
     p = write(tmp_path, "[server]\nport = 8000\n")
     assert load_error(p, flags={"server.host": "0.0.0.0"}).source == "--host"
     q = write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
     assert load_error(q, env={"POOLD_SERVER_PORT": "8000"}).source == str(q)
+    # the file is valid; the variable broke the rule, though the key named is the file's
+    r = write(tmp_path, "[jobs]\ndefault_timeout = 300\n")
+    e = load_error(r, env={"POOLD_JOBS_MAX_TIMEOUT": "100"})
+    assert (e.source, e.key) == ("POOLD_JOBS_MAX_TIMEOUT", "jobs.default_timeout"), str(e)
+
+
+def test_a_preload_is_looked_for_without_running_its_packages(tmp_path, monkeypatch):
+    pkg = tmp_path / "boom_pkg_poold_test"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not run at config time')\n")
+    (pkg / "sub.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = write(tmp_path, "[pool]\npreload = ['boom_pkg_poold_test.sub', 'os.path', 'json.decoder']\n")
+    assert load(good, env={}).pool.preload[0] == "boom_pkg_poold_test.sub"
+    assert "boom_pkg_poold_test" not in sys.modules
+    bad = write(tmp_path, "[pool]\npreload = ['boom_pkg_poold_test.nope']\n")
+    assert load_error(bad, env={}).key == "pool.preload"
 
 
 def test_port_zero_needs_a_unix_socket(tmp_path):

@@ -554,6 +554,7 @@ def test_process_titles(daemon_factory, tmp_path, start_method):
     # and one it forks (no exec) is not taken for a worker
     forked = d.run("tests.jobs:forked_title")
     assert forked["result"].startswith("poold: job child (worker "), forked
+    assert d.run("tests.jobs:forked_title", "my own title")["result"] == "my own title"  # kept
     # a replacement keeps its slot's name (a cancel replaces the worker)
     w = d.wait_state(jid, "running")["worker"]
     assert d.delete(f"/v1/jobs/{jid}").status == 200

@@ -218,8 +218,12 @@ def workers() -> Op[list[dict[str, Any]]]:
 
 def health() -> Op[bool]:
     """True when the daemon answers 200, False on 503 (unhealthy or draining)."""
-    report = yield from health_report()
-    return report.get("status") == "ok"
+    response = yield Request("GET", "/health")
+    if response.status == 200:
+        return True
+    if response.status == 503:
+        return False
+    raise error_from(response.status, response.data, response.raw, response.retry_after)
 
 
 def health_report() -> Op[dict[str, Any]]:
