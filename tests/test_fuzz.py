@@ -803,6 +803,11 @@ def test_schemathesis_against_the_served_openapi(daemon_factory: Any, tmp_path: 
             "examples,coverage,fuzzing,stateful",
             "--generation-database",
             "none",
+            # GET /health takes no input, and its 503 is the contract's answer while no worker is
+            # alive: a generated job with a timeout of 5e-324 s and 100 retries keeps both
+            # workers being replaced, and not_a_server_error would count that 503 as a failure
+            "--exclude-path",
+            "/health",
         ],
         cwd=work,
         capture_output=True,
