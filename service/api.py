@@ -140,8 +140,7 @@ async def submit(request: web.Request) -> web.Response:
         if found is not None:
             return _job_response(found[1])
     new = spec.parse(body, ctx.cfg.jobs, ctx.allow)
-    if new.key is None or ctx.store.by_key(new.key) is None:
-        _check_room(ctx, 1)
+    _check_room(ctx, 1)  # a key here is no kept job's: looked up above, with no await since
     [(jid, text, created)] = ctx.store.enqueue_many([new])
     await ctx.store.committed()
     if not created:  # the kept job with this key, as it is now

@@ -223,12 +223,11 @@ def _reload(ctx: Context) -> None:
     try:
         new = config_mod.reload(ctx.cfg)
         token = new.token
-    except (ConfigError, OSError) as e:
-        log.error("reload refused, the configuration in force is kept: %s", e)
-        systemd.notify("READY=1")
-        return
-    except Exception:  # whatever a reload trips over (logged), the daemon serves on
-        log.exception("reload failed, the configuration in force is kept")
+    except Exception as e:  # whatever a reload trips over (logged), the daemon serves on
+        if isinstance(e, (ConfigError, OSError)):
+            log.error("reload refused, the configuration in force is kept: %s", e)
+        else:
+            log.exception("reload failed, the configuration in force is kept")
         systemd.notify("READY=1")
         return
     if (new.server.host, new.server.port, new.server.unix_socket) != (

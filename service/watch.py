@@ -56,8 +56,9 @@ class Watch:
 
     def _sweep_orphans(self, tasks: set[asyncio.Task[None]]) -> None:
         pool = self.ctx.scheduler.pool
-        known = pool.helper_pids() | set(pool.processes()) | self._ending
-        supervisor.reap_children(skip=set(pool.processes()) | pool.helper_pids())
+        ours = pool.helper_pids() | set(pool.processes())
+        known = ours | self._ending
+        supervisor.reap_children(skip=ours)
         sched = self.ctx.scheduler
         workers = {s.pid: s.current for s in pool.slots.values() if s.pid is not None}
         running = {jid: r.started_at for jid, r in sched.running.items()}
