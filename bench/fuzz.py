@@ -47,8 +47,8 @@ from bench.harness import REPO, free_port
 
 # -- what to send
 
-ALLOW = ["service.demo:*", "tests.jobs:echo", "tests.jobs:noop", "tests.jobs:add"]
-CHEAP_FNS = ["tests.jobs:echo", "tests.jobs:noop", "tests.jobs:add"]
+ALLOW = ["service.demo:*", "tests.support.jobs:echo", "tests.support.jobs:noop", "tests.support.jobs:add"]
+CHEAP_FNS = ["tests.support.jobs:echo", "tests.support.jobs:noop", "tests.support.jobs:add"]
 # names that must never run: module tricks, dunders, attribute chains, wildcard and path abuse,
 # unicode lookalikes, white space and control characters
 HOSTILE_FNS = [
@@ -96,12 +96,12 @@ HOSTILE_FNS = [
     "service.demo:fib:fib",
     "service.demo::fib",
     "",
-    "tests.jobs:_bump",
-    "tests.jobs:os",
-    "tests.jobs:subprocess",
-    "tests.jobs:CustomError",
-    "tests.jobs:forever",
-    "tests.jobs:suicide",
+    "tests.support.jobs:_bump",
+    "tests.support.jobs:os",
+    "tests.support.jobs:subprocess",
+    "tests.support.jobs:CustomError",
+    "tests.support.jobs:forever",
+    "tests.support.jobs:suicide",
     "x" * 600,
 ]
 RAW_NUMBERS = [
@@ -872,8 +872,8 @@ def call(
 
 
 def real_job_runs(port: int, token: str | None = None) -> tuple[bool, Any]:
-    """Does a real job (tests.jobs:add 2 3) run and give 5?"""
-    status, job = call(port, "POST", "/v1/jobs", {"fn": "tests.jobs:add", "args": [2, 3]}, token=token)
+    """Does a real job (tests.support.jobs:add 2 3) run and give 5?"""
+    status, job = call(port, "POST", "/v1/jobs", {"fn": "tests.support.jobs:add", "args": [2, 3]}, token=token)
     if status != 202:
         return False, (status, job)
     end = time.monotonic() + 60

@@ -36,12 +36,12 @@ import psutil
 
 from bench import jobs as bench_jobs
 from bench.harness import Conn, daemon
-from tests import jobs as test_jobs
+from tests.support import jobs as test_jobs
 
 WORKERS = 2
 INTERVAL, KILL_GRACE = 1.0, 3.0  # the contract's defaults
 TIMEOUT = 1.0
-TREE = ("child", "grandchild", "detached")  # what tests.jobs:spawn_tree starts
+TREE = ("child", "grandchild", "detached")  # what tests.support.jobs:spawn_tree starts
 FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 
 _started: list[psutil.Process] = []  # every job process this run learnt of: none may outlive it
@@ -151,7 +151,7 @@ def poold_timeout(c: Conn, tmp: Path, rounds: int) -> dict[str, list[float]]:
     for i in range(rounds):
         d = tmp / f"timeout{i}"
         d.mkdir()
-        jid = submit(c, "tests.jobs:spawn_tree", str(d), False, False, timeout=TIMEOUT)
+        jid = submit(c, "tests.support.jobs:spawn_tree", str(d), False, False, timeout=TIMEOUT)
         procs = {k: watch(read_pid(d / f"{k}.pid")) for k in TREE}
         job = running(c, jid)
         procs["worker"] = watch(job["worker"]["pid"])
@@ -181,11 +181,11 @@ def bare_timeout() -> bool:
 
 def poold_crash(c: Conn, tmp: Path, rounds: int) -> list[float]:
     """ms from SIGKILL of a busy worker to the next job on that slot done (the other slot busy)."""
-    hold = submit(c, "tests.jobs:forever", timeout=600)
+    hold = submit(c, "tests.support.jobs:forever", timeout=600)
     running(c, hold)
     out = []
     for _ in range(rounds):
-        victim = running(c, submit(c, "tests.jobs:forever", timeout=600))
+        victim = running(c, submit(c, "tests.support.jobs:forever", timeout=600))
         t = time.perf_counter()
         os.kill(victim["worker"]["pid"], signal.SIGKILL)
         nxt = finished(c, submit(c, "bench.jobs:noop", 1))
@@ -220,8 +220,8 @@ def bare_crash(tmp: Path, rounds: int) -> tuple[list[float], list[float]]:
 
 
 def poold_disturbed(c: Conn) -> tuple[int, int, str]:
-    specs = [{"fn": "tests.jobs:sleep", "args": [1.0]} for _ in range(5)]
-    specs.insert(1, {"fn": "tests.jobs:suicide"})
+    specs = [{"fn": "tests.support.jobs:sleep", "args": [1.0]} for _ in range(5)]
+    specs.insert(1, {"fn": "tests.support.jobs:suicide"})
     status, body = c.call("POST", "/v1/jobs/batch", {"jobs": specs})
     assert status == 202, (status, body)
     done = [finished(c, j["id"]) for j in body["jobs"]]
@@ -250,7 +250,7 @@ def leftovers(c: Conn, tmp: Path) -> tuple[dict[str, float], float]:
     bare PPE's one still ran, measured alongside."""
     ids = {}
     for fn in ("leak_detached", "leak_stubborn_detached"):
-        ids[fn] = submit(c, f"tests.jobs:{fn}", str(tmp / f"{fn}.pid"))
+        ids[fn] = submit(c, f"tests.support.jobs:{fn}", str(tmp / f"{fn}.pid"))
     with bare(1) as ex:
         bare_left = watch(ex.submit(test_jobs.leak_detached, str(tmp / "bare.pid")).result())
     t_bare = time.time()
@@ -272,7 +272,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.rounds = 2
-    allow = ["bench.jobs:*", "service.demo:*", "tests.jobs:*"]
+    allow = ["bench.jobs:*", "service.demo:*", "tests.support.jobs:*"]
     try:
         with tempfile.TemporaryDirectory() as tmpdir, \
                 daemon(WORKERS, jobs={"allow": allow},

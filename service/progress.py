@@ -15,7 +15,7 @@ _MIN_GAP = 0.05
 
 
 class _Channel:
-    """The running job's end of the progress pipe (set by service.worker)."""
+    """The running job's end of the progress pipe (set by service.engine.worker)."""
 
     send: Any = None  # a callable taking one message, or None outside a worker
     job_id: str | None = None

@@ -1,0 +1,1 @@
+"""The `poold` command line: parser (main), client commands, output, progress bar."""

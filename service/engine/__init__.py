@@ -1,0 +1,3 @@
+"""The process pool, usable alone: slots, the worker side, process trees.
+
+Imports nothing of the store, HTTP or configuration."""

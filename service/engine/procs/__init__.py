@@ -1,0 +1,1 @@
+"""Process trees: kill, reap, subreaper, leftovers, a previous instance's processes."""

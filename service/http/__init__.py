@@ -1,0 +1,1 @@
+"""The HTTP face: aiohttp routes, JobSpec checks, OpenAPI, the runner."""

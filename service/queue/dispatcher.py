@@ -1,0 +1,359 @@
+"""Pairs queued jobs with free slots and turns what workers report into job states.
+
+The queue lives in the store; memory holds only what is dispatched or
+running. Short jobs go to a worker several at a time (sized from each
+function's measured run time) so their cost per job stays small; a long or
+unknown function goes one at a time, so priorities and cancels stay prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.config import Config
+from service.engine.procs import leftovers, supervisor
+from service.engine.slots import Pool, Slot
+from service.queue.metrics import Metrics
+from service.queue.waiters import Waiters
+from service.store.sqlite.store import Claimed, Store
+
+log = logging.getLogger("poold.scheduler")
+
+_BATCH_SECONDS = 0.005  # aim: a batch of short jobs takes about this long
+_MAX_BATCH = 256
+
+
+@dataclass
+class Running:
+    claimed: Claimed
+    slot: Slot
+    started_at: float
+    deadline: float  # on the loop's clock
+    progress: dict[str, Any] | None = None
+    written: bool = False  # its start is in the store
+
+
+@dataclass
+class _Stats:
+    seconds: dict[str, float] = field(default_factory=dict)  # fn -> moving average run time
+
+    def update(self, fn: str, seconds: float) -> None:
+        old = self.seconds.get(fn)
+        self.seconds[fn] = seconds if old is None else old * 0.8 + seconds * 0.2
+
+    def batch_size(self, fn: str) -> int:
+        avg = self.seconds.get(fn)
+        if avg is None:
+            return 1
+        return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(avg, 1e-6))))
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "message": message, "exception": None, "traceback": None}
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, store: Store, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick(),
+                         lambda why: metrics.worker_restarts.labels(why).inc(),
+                         None if store.path == ":memory:" else store.path)
+        # handed to a worker (in this batch of that slot), not ended
+        self.dispatched: dict[str, tuple[Slot, list[Claimed]]] = {}
+        self.running: dict[str, Running] = {}  # started, not ended
+        self.cancelled_pending: set[str] = set()
+        self.waiters = Waiters()
+        self.stats = _Stats()
+        self._timers: dict[Slot, tuple[float, asyncio.Handle]] = {}
+        self.accepting = True  # False while draining: nothing new starts
+        self._kicked = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pool.start(self.cfg.pool.size)
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.pool.cfg = cfg.pool
+        self.pool.resize(cfg.pool.size)
+        self.kick()
+
+    # -- dispatch
+    def kick(self) -> None:
+        """Asks for a dispatch pass at the end of this loop iteration (once, however often asked)."""
+        if not self._kicked and self.loop is not None:
+            self._kicked = True
+            self.loop.call_soon(self._fill)
+
+    def _fill(self) -> None:
+        self._kicked = False
+        if not self.accepting:
+            return
+        free = [s for s in self.pool.slots.values() if self._can_take(s)]
+        if not free:
+            return
+        # jobs queued in the store and not yet handed to a worker (sizes batches only)
+        waiting = self.store.queued - (len(self.dispatched) - len(self.running))
+        queue = self.store.next_queued(_MAX_BATCH * len(free), set(self.dispatched))
+        pos = 0
+        for slot in free:
+            if pos >= len(queue):
+                break
+            size = min(self.stats.batch_size(queue[pos].fn), max(1, math.ceil(waiting / len(free))))
+            if self.cfg.pool.max_tasks_per_worker:  # a batch never runs past the recycling point
+                held = sum(len(b) for b in slot.batches)
+                size = min(size, self.cfg.pool.max_tasks_per_worker - slot.tasks_done - held)
+                if size <= 0:
+                    continue
+            batch = queue[pos:pos + size]
+            pos += len(batch)
+            for c in batch:
+                self.dispatched[c.id] = (slot, batch)
+            waiting -= len(batch)
+            self.pool.submit(slot, batch, self.cfg.jobs.max_result_bytes)
+
+    def _can_take(self, s: Slot) -> bool:
+        """An idle slot takes a batch; a busy one takes a second when the batch it runs is of
+        short jobs (it ends in milliseconds), so the worker never waits for the daemon."""
+        if s.retiring or s.killed or s.dying or s.executor is None:
+            return False
+        if s.state == "idle" and not s.batches:
+            return True
+        return (s.state == "busy" and len(s.batches) == 1
+                and self.stats.batch_size(s.batches[0][-1].fn) > 1)
+
+    # -- worker reports
+    def _on_events(self, slot: Slot, msgs: list[tuple[Any, ...]]) -> None:
+        claimed = {c.id: c for b in slot.batches for c in b}
+        finished: list[str] = []
+        for msg in msgs:
+            kind, jid = msg[0], msg[1]
+            if kind == "start":
+                c = claimed.get(jid)
+                if c is not None:
+                    self._started(slot, c, msg[2])
+            elif kind == "progress":
+                r = self.running.get(jid)
+                if r is not None:
+                    cur, total, message = msg[2]
+                    r.progress = {"current": cur, "total": total, "message": message}
+            elif kind == "done":
+                r = self.running.get(jid)
+                if r is not None and r.slot is slot:
+                    del self.running[jid]
+                    self._done(r, msg[2], msg[3], msg[4])
+                    finished.append(jid)
+                if msg[5] is not None and (c := claimed.get(msg[5])) is not None:
+                    self._started(slot, c, msg[6])
+        for r in self.running.values():
+            if r.slot is slot and not r.written:
+                self._write_start(r)
+        if finished:
+            self.store.after_commit(lambda: self.waiters.wake(finished))
+        self.kick()
+
+    def _worker_info(self, slot: Slot) -> str:
+        return f'{{"pid":{slot.pid},"name":"{slot.name}"}}'
+
+    def _started(self, slot: Slot, c: Claimed, t: float) -> None:
+        assert self.loop is not None
+        r = Running(c, slot, t, self.loop.time() + c.timeout)
+        self.running[c.id] = r
+        slot.current, slot.current_started = c.id, t
+        if c.id in self.cancelled_pending:  # cancelled while it waited in the worker: end it now
+            slot.kill_reason[c.id] = "cancel"
+            self.pool.kill(slot, "cancel")
+            return
+        self._arm(slot, r.deadline)
+
+    def _arm(self, slot: Slot, when: float) -> None:
+        """One deadline timer per slot, not one per job: short jobs end long before it fires."""
+        armed = self._timers.get(slot)
+        if armed is not None and armed[0] <= when:
+            return
+        if armed is not None:
+            armed[1].cancel()
+        assert self.loop is not None
+        # the deadline is kept beside the handle: for a time already past uvloop returns a plain
+        # Handle, which has no when()
+        self._timers[slot] = (when, self.loop.call_at(when, self._deadline, slot))
+
+    def _deadline(self, slot: Slot) -> None:
+        self._timers.pop(slot, None)
+        r = self.running.get(slot.current) if slot.current else None
+        if r is None or r.slot is not slot:
+            return
+        assert self.loop is not None
+        if self.loop.time() < r.deadline - 0.001:
+            self._arm(slot, r.deadline)  # the job it was armed for has ended: watch this one
+            return
+        log.info("job %s timed out after %g s: killing worker %d", r.claimed.id, r.claimed.timeout, slot.n)
+        slot.kill_reason[r.claimed.id] = "timeout"
+        self._kill_job(r, "timeout")
+
+    def _write_start(self, r: Running) -> None:
+        self.store.start(r.claimed.seq, r.started_at, self._worker_info(r.slot))
+        r.written = True
+
+    def _done(self, r: Running, kind: str, payload: Any, seconds: float) -> None:
+        c = r.claimed
+        if (entry := self.dispatched.get(c.id)) is not None and entry[0] is r.slot:
+            del self.dispatched[c.id]
+        r.slot.current = None
+        r.slot.tasks_done += 1
+        self.stats.update(c.fn, seconds)
+        self.metrics.duration.observe(seconds)
+        if kind == "ok":
+            self._final(r, "succeeded", result_json=payload)
+        else:
+            self._failed(r, "failed", payload)
+
+    def _final(self, r: Running, state: str, *, result_json: str | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        self.store.finish(r.claimed, state, r.started_at, self._worker_info(r.slot), r.written,
+                          result_json=result_json, error=error, progress=r.progress)
+        self.metrics.finished.labels(state).inc()
+
+    def _failed(self, r: Running, state: str, error: dict[str, Any]) -> None:
+        """A failed attempt: retried while retries are left, else final."""
+        c = r.claimed
+        if c.attempts + 1 <= c.retries:
+            if not r.written:
+                self._write_start(r)
+            self.store.retry(c.seq, error)
+            self.metrics.retried.inc()
+        else:
+            self._final(r, state, error=error)
+
+    def _on_batch_end(self, slot: Slot, batch: list[Claimed], exc: BaseException | None) -> None:
+        for c in batch:
+            # never started (or ended) here: back to the queue as it is — unless it was already
+            # handed to another slot (a retry), which owns it now
+            entry = self.dispatched.get(c.id)
+            if entry is not None and entry[1] is batch and c.id not in self.running:
+                del self.dispatched[c.id]
+                self.cancelled_pending.discard(c.id)
+        if exc is not None:
+            self._worker_lost(slot, batch)
+        self.kick()
+
+    def _worker_lost(self, slot: Slot, batch: list[Claimed]) -> None:
+        ended = []
+        for c in batch:
+            r = self.running.get(c.id)
+            if r is None or r.slot is not slot:
+                continue
+            del self.running[c.id]
+            ended.append(c.id)
+            self.dispatched.pop(c.id, None)
+            self.cancelled_pending.discard(c.id)
+            reason = slot.kill_reason.pop(c.id, None)
+            if reason == "cancel":
+                continue  # already cancelled in the store
+            if reason == "timeout":
+                self._failed(r, "timed_out", _error("timeout", f"the job ran longer than its timeout"
+                                                    f" ({c.timeout:g} s) and was killed"))
+                continue
+            self._failed(r, "failed",
+                         _error("worker_died", f"the worker process (pid {slot.pid}) {slot.exit}"))
+        if ended:
+            self.store.after_commit(lambda: self.waiters.wake(ended))
+
+    def _kill_job(self, r: Running, why: str) -> None:
+        """SIGKILL at once: the worker's tree, and what the job detached that no other job can own."""
+        self.pool.kill(r.slot, why)
+        others = {jid: o.started_at for jid, o in self.running.items() if o is not r}
+        known = self.pool.helper_pids() | set(self.pool.processes())
+        for p in leftovers.orphans_of(known, r.claimed.id, r.started_at, others):
+            supervisor.kill_tree(p.pid)
+
+    # -- requests from the API
+    def cancel(self, jid: str, queued_only: bool) -> str:
+        """Cancels a job; returns "cancelled", "not_found", "already_finished" or "already_started"."""
+        r = self.running.get(jid)
+        if r is not None and r.slot.kill_reason.get(jid) == "cancel":
+            return "already_finished"  # cancelled a moment ago; its worker is still going down
+        if r is not None:
+            if queued_only:
+                return "already_started"
+            self.store.cancel(jid)
+            r.slot.kill_reason[jid] = "cancel"
+            self._kill_job(r, "cancel")
+        else:
+            left = self.store.cancel(jid)
+            if left is None:
+                return "not_found" if self.store.state_of(jid) is None else "already_finished"
+            entry = self.dispatched.get(jid)
+            if entry is not None:  # waiting inside a worker's batch: tell it to skip the job
+                self.cancelled_pending.add(jid)
+                self.pool.cancel_pending(entry[0], jid)
+        self.metrics.finished.labels("cancelled").inc()
+        self.store.after_commit(lambda: self.waiters.wake([jid]))
+        return "cancelled"
+
+    async def wait(self, ids: list[str], timeout: float, need_all: bool = True) -> None:
+        """Returns when the jobs end (one of them, unless need_all) or after timeout seconds."""
+        await self.waiters.wait(ids, timeout, need_all)
+
+    def progress_json(self, jid: str) -> str | None:
+        """Live progress of a running job as JSON text (None when it reported none)."""
+        r = self.running.get(jid)
+        return None if r is None or r.progress is None else json.dumps(r.progress)
+
+    # -- shutdown
+    def idle(self) -> bool:
+        return not self.running and not self.dispatched
+
+    def hold_back(self) -> None:
+        """Draining: workers skip the jobs they hold but have not started (they stay queued)."""
+        for jid, (slot, _) in self.dispatched.items():
+            if jid not in self.running:
+                self.pool.cancel_pending(slot, jid)
+
+    def interrupt_all(self) -> None:
+        """Ends the book of every running job: retried on the next start if retries are left."""
+        err = _error("interrupted", "the daemon stopped while the job ran")
+        for r in list(self.running.values()):
+            if not r.written:
+                self._write_start(r)
+            if r.claimed.attempts + 1 <= r.claimed.retries:
+                self.store.retry(r.claimed.seq, err)
+            else:
+                self.store.finish(r.claimed, "failed", r.started_at, self._worker_info(r.slot), True,
+                                  error=err, progress=r.progress)
+        self.running.clear()
+        self.dispatched.clear()
+
+    def state(self) -> dict[str, Any]:
+        workers: dict[str, int] = {}
+        for s in self.pool.slots.values():
+            workers[s.state] = workers.get(s.state, 0) + 1
+        return {"queued": self.store.queued, "running": len(self.running), "workers": workers,
+                "draining": not self.accepting}
+
+    def workers(self) -> list[dict[str, Any]]:
+        import psutil
+
+        from service.store.sqlite.jobjson import iso
+
+        out = []
+        for s in sorted(self.pool.slots.values(), key=lambda s: s.n):
+            rss = 0
+            if s.pid is not None:
+                try:
+                    rss = psutil.Process(s.pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            out.append({"pid": s.pid, "name": s.name, "state": s.state, "job": s.current,
+                        "rss_bytes": rss, "tasks_done": s.tasks_done,
+                        "started_at": iso(s.started_at or time.time())})
+        return out

@@ -1,0 +1,1 @@
+"""Where jobs are kept: named operations, durable on return; SQLite is the embedded backend."""

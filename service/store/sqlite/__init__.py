@@ -1,0 +1,1 @@
+"""The SQLite store: group commit, the job table's SQL, Job JSON spliced from stored text."""

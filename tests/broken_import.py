@@ -1,3 +1,0 @@
-"""A module that exists but cannot be imported: a pool.preload that no worker survives."""
-
-raise RuntimeError("tests.broken_import cannot be imported, on purpose")
