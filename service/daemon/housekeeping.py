@@ -58,6 +58,8 @@ class Watch:
     def _sweep_orphans(self, tasks: set[asyncio.Task[None]]) -> None:
         pool = self.ctx.scheduler.pool
         ours = pool.helper_pids() | set(pool.processes())
+        if self.ctx.allow.probe is not None:
+            ours |= self.ctx.allow.probe.pids()
         known = ours | self._ending
         supervisor.reap_children(skip=ours)
         sched = self.ctx.scheduler
@@ -108,7 +110,8 @@ class Watch:
     def _record_processes(self) -> None:
         """Keeps the store's list of our processes current, so a next instance can end them."""
         pool = self.ctx.scheduler.pool
-        pids = frozenset({os.getpid(), *pool.processes(), *(pool.helper_pids() - {os.getpid()})})
+        probe = self.ctx.allow.probe.pids() if self.ctx.allow.probe is not None else set()
+        pids = frozenset({os.getpid(), *pool.processes(), *probe, *(pool.helper_pids() - {os.getpid()})})
         if pids == self._recorded:
             return
         records = []

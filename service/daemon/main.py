@@ -27,10 +27,11 @@ from service.config import Config, ConfigError
 from service.daemon import logs, systemd
 from service.daemon.housekeeping import Watch
 from service.engine import ledger
+from service.engine.probe import Probe
 from service.engine.procs import leftovers, supervisor
-from service.http import spec
 from service.http.routes import Context, make_app, refuse_expectation
 from service.http.runner import Runner
+from service.queue.allow import Allow
 from service.queue.dispatcher import Scheduler
 from service.queue.metrics import Metrics
 from service.store.sqlite.store import Store
@@ -166,8 +167,10 @@ async def _serve(cfg: Config, early: list[int]) -> int:
     scheduler: Scheduler
     metrics = Metrics(lambda: scheduler.state())
     scheduler = Scheduler(cfg, store, metrics)
+    # function lookups run in a process of the pool's, never here (service.engine.probe)
+    probe = Probe(cfg.pool.start_method, getattr(scheduler.pool, "_lifeline_r", None))
     ctx = Context(cfg=cfg, store=store, scheduler=scheduler, metrics=metrics,
-                  allow=spec.Allow(cfg.jobs.allow), token=cfg.token, version=service.__version__)
+                  allow=Allow(cfg.jobs.allow, probe), token=cfg.token, version=service.__version__)
     scheduler.start()
     try:
         async with _listening(make_app(ctx), cfg) as where:
@@ -186,6 +189,7 @@ async def _serve(cfg: Config, early: list[int]) -> int:
             watch_task.cancel()
             await asyncio.gather(watch_task, return_exceptions=True)
     finally:
+        probe.close()
         await scheduler.pool.stop(ctx.cfg.supervisor.kill_grace)
         # whatever still carries this instance's tag (leftovers the sweep has not reached); they
         # may hold the forkserver's pipe, so they go before it
@@ -237,7 +241,10 @@ def _reload(ctx: Context) -> None:
             ctx.cfg.server.host, ctx.cfg.server.port, ctx.cfg.server.unix_socket):
         log.warning("reload: listening addresses change only on restart")
     logs.setup(new.log.level, new.log.format)
-    ctx.cfg, ctx.token, ctx.allow = new, token, spec.Allow(new.jobs.allow)
+    # what was learned of each function is forgotten: the new workers import the code afresh
+    if ctx.allow.probe is not None:
+        ctx.allow.probe.replace()
+    ctx.cfg, ctx.token, ctx.allow = new, token, Allow(new.jobs.allow, ctx.allow.probe)
     ctx.scheduler.reconfigure(new)
     log.info("configuration reloaded: %d workers, allow %s", new.pool.size, ", ".join(new.jobs.allow))
     systemd.notify("READY=1", f"STATUS=configuration reloaded: {new.pool.size} workers")

@@ -18,6 +18,7 @@ import time
 import traceback
 from typing import Any
 
+from service.engine import output
 from service.engine.ledger import Writer as _Ledger
 from service.progress import channel as _channel
 from service.progress import flush as _flush_progress
@@ -36,7 +37,7 @@ _JOB_VAR = "POOLD_JOB_ID"  # service.engine.procs.leftovers.JOB_VAR (not importe
 
 
 def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str, ...],
-         close_fds: tuple[int, ...], ledger: str | None = None) -> None:
+         close_fds: tuple[int, ...], ledger: str | None = None, label_output: bool = True) -> None:
     """Executor initializer: title, signal policy, death watch, preload.
 
     `close_fds` are the daemon's own pipe ends that a forked (start method
@@ -69,6 +70,8 @@ def init(slot: int, events: Any, control: Any, lifeline: Any, preload: tuple[str
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _events, _control = events, control
+    if label_output:  # a job's prints name it in the daemon's log (service.engine.output)
+        output.label(lambda: f"job {_channel.job_id}" if _channel.job_id else f"worker {slot}")
     _ledger = _Ledger(ledger)
     _lifeline.append(lifeline)
     _channel.send = events.send
@@ -269,6 +272,7 @@ def run_batch(jobs: list[JobTuple], max_result_bytes: int, max_memory_mb: int) -
         try:
             kind, payload = _run_one(job, max_result_bytes)
         finally:
+            output.flush()
             _channel.job_id = None
         ended = ("done", jid, kind, payload, time.perf_counter() - t)
         if _forked[0]:

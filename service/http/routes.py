@@ -19,6 +19,7 @@ from aiohttp import web
 from service.config import Config
 from service.http import openapi, spec
 from service.http.spec import ApiError
+from service.queue.allow import Allow
 from service.queue.dispatcher import Scheduler
 from service.queue.metrics import CONTENT_TYPE, Metrics
 from service.store.sqlite.store import FINAL_STATES, STATES, Store, StoreError
@@ -34,7 +35,7 @@ class Context:
     store: Store
     scheduler: Scheduler
     metrics: Metrics
-    allow: spec.Allow
+    allow: Allow
     token: str = ""
     version: str = "0"
     draining: bool = False
@@ -140,7 +141,8 @@ async def submit(request: web.Request) -> web.Response:
         if found is not None:
             return _job_response(found[1])
     new = spec.parse(body, ctx.cfg.jobs, ctx.allow)
-    _check_room(ctx, 1)  # a key here is no kept job's: looked up above, with no await since
+    await ctx.allow.check(new.fn)  # asks the probe the first time (the key may be taken meanwhile:
+    _check_room(ctx, 1)            # enqueue_many then answers with that job, created=False)
     [(jid, text, created)] = ctx.store.enqueue_many([new])
     await ctx.store.committed()
     if not created:  # the kept job with this key, as it is now
@@ -165,6 +167,7 @@ async def submit_batch(request: web.Request) -> web.Response:
             new.append(spec.parse(s, ctx.cfg.jobs, ctx.allow))
         except ApiError as e:
             raise ApiError(e.status, e.code, f"jobs[{i}]: {e.message}") from None
+    await ctx.allow.check_all([j.fn for j in new])
     fresh = sum(1 for j in new if j.key is None or ctx.store.by_key(j.key) is None)
     _check_room(ctx, fresh)
     results = ctx.store.enqueue_many(new)

@@ -2,32 +2,27 @@
 
 A wildcard entry ("module:*") admits only public functions defined in that
 module itself, never what it imported (`os`, `subprocess`, …) nor attribute
-chains; an exact entry admits exactly that name. Functions are imported in the
-daemon once to answer 422 `function_not_found` at submit time.
+chains; an exact entry admits exactly that name. Whether a function exists is
+never found out here, by importing it, but by the probe (service.queue.allow).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import re
-import sys
 from typing import Any
 
 from service.config import JobsConfig
+from service.model import ApiError
+from service.queue.allow import Allow
 from service.store.sqlite.store import NewJob
+
+__all__ = ["ApiError", "key_of", "parse"]
 
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 _FN = re.compile(f"{_DOTTED}:{_DOTTED}")
 _FIELDS = {"fn", "args", "kwargs", "timeout", "priority", "retries", "key"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
 def _invalid(message: str) -> ApiError:
@@ -72,55 +67,6 @@ def _int(spec: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int
     return v
 
 
-class Allow:
-    """The allow list plus a cache of resolved functions (rebuilt on reload)."""
-
-    def __init__(self, patterns: tuple[str, ...]) -> None:
-        self.exact = {p for p in patterns if not p.endswith(":*")}
-        self.modules = {p[:-2] for p in patterns if p.endswith(":*")}
-        self.ok: set[str] = set()  # admitted and found already
-
-    def check(self, fn: str) -> None:
-        """Raises 403 when fn is not allowed, 422 when it cannot be found."""
-        if fn in self.ok:
-            return
-        mod, _, name = fn.partition(":")
-        exact = fn in self.exact
-        if not exact:
-            if mod not in self.modules or "." in name or name.startswith("_"):
-                raise ApiError(403, "function_not_allowed", f"fn: {fn!r} is not allowed by jobs.allow")
-        obj = self._resolve(fn, mod, name)
-        if not exact and (getattr(obj, "__module__", None) != mod or not _is_function(obj)):
-            raise ApiError(403, "function_not_allowed",
-                           f"fn: {fn!r} is not a function defined in {mod} (jobs.allow admits those only)")
-        if not callable(obj):
-            raise ApiError(422, "function_not_found", f"fn: {fn!r} is not callable")
-        self.ok.add(fn)
-
-    @staticmethod
-    def _resolve(fn: str, mod: str, name: str) -> Any:
-        try:
-            if mod not in sys.modules and importlib.util.find_spec(mod) is None:
-                raise ModuleNotFoundError(mod)
-            obj: Any = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            raise ApiError(422, "function_not_found", f"fn: module {mod!r} not found ({e})") from None
-        except Exception as e:  # noqa: BLE001 - any error while importing user code is "not found"
-            raise ApiError(422, "function_not_found",
-                           f"fn: module {mod!r} failed to import: {type(e).__name__}: {e}") from None
-        for part in name.split("."):
-            if not hasattr(obj, part):
-                raise ApiError(422, "function_not_found", f"fn: {mod!r} has no attribute {name!r}")
-            obj = getattr(obj, part)
-        return obj
-
-
-def _is_function(obj: Any) -> bool:
-    import types
-
-    return isinstance(obj, (types.FunctionType, types.BuiltinFunctionType))
-
-
 def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     """A validated NewJob from one JobSpec, or ApiError naming the field."""
     if not isinstance(spec, dict):
@@ -136,7 +82,7 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
     if fn not in allow.ok:  # not seen (and admitted) before: check it fully
         if len(fn) > 500 or not _FN.fullmatch(fn):
             raise _invalid("fn: expected 'module:name' (a Python module path, a colon, a function name)")
-        allow.check(fn)
+        allow.admit(fn)  # the patterns only: whether fn exists is the probe's to say
     args = spec.get("args", [])
     if not isinstance(args, list):  # null too: only timeout and key may be null
         raise _invalid(f"args: expected a list, got {_kind(args)}")

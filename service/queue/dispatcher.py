@@ -19,6 +19,7 @@ from typing import Any
 from service.config import Config
 from service.engine.procs import leftovers, supervisor
 from service.engine.slots import Pool, Slot
+from service.model import ErrorType, job_error
 from service.queue.metrics import Metrics
 from service.queue.waiters import Waiters
 from service.store.sqlite.store import Claimed, Store
@@ -52,10 +53,6 @@ class _Stats:
         if avg is None:
             return 1
         return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(avg, 1e-6))))
-
-
-def _error(kind: str, message: str) -> dict[str, Any]:
-    return {"type": kind, "message": message, "exception": None, "traceback": None}
 
 
 class Scheduler:
@@ -260,11 +257,12 @@ class Scheduler:
             if reason == "cancel":
                 continue  # already cancelled in the store
             if reason == "timeout":
-                self._failed(r, "timed_out", _error("timeout", f"the job ran longer than its timeout"
-                                                    f" ({c.timeout:g} s) and was killed"))
+                err = job_error(ErrorType.TIMEOUT,
+                                f"the job ran longer than its timeout ({c.timeout:g} s) and was killed")
+                self._failed(r, "timed_out", err)
                 continue
             self._failed(r, "failed",
-                         _error("worker_died", f"the worker process (pid {slot.pid}) {slot.exit}"))
+                         job_error(ErrorType.WORKER_DIED, f"the worker process (pid {slot.pid}) {slot.exit}"))
         if ended:
             self.store.after_commit(lambda: self.waiters.wake(ended))
 
@@ -321,7 +319,7 @@ class Scheduler:
 
     def interrupt_all(self) -> None:
         """Ends the book of every running job: retried on the next start if retries are left."""
-        err = _error("interrupted", "the daemon stopped while the job ran")
+        err = job_error(ErrorType.INTERRUPTED, "the daemon stopped while the job ran")
         for r in list(self.running.values()):
             if not r.written:
                 self._write_start(r)

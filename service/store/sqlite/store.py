@@ -18,15 +18,14 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from service.model import FINAL_STATES, STATES
 from service.store.sqlite.database import Database, StoreError
 from service.store.sqlite.jobjson import job_json
 
-__all__ = ["Claimed", "NewJob", "Store", "StoreError"]
+__all__ = ["FINAL_STATES", "STATES", "Claimed", "NewJob", "Store", "StoreError"]
 
 log = logging.getLogger("poold.store")
 
-FINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
-STATES = ("queued", "running", *FINAL_STATES)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
