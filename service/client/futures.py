@@ -1,15 +1,22 @@
-"""The futures an Executor hands out, and the count of jobs it has in flight."""
+"""The futures an Executor hands out, the count of jobs it has in flight, and what the
+watch threads need of the book of futures (`Book`): the tracker implements it, and the
+modules below it name only this protocol, so nothing imports the tracker but the executor."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from service.client.common import Job
+from service.client.errors import PooldError
 
-if TYPE_CHECKING:
-    from service.client.tracker import Tracker
+T = TypeVar("T")
+
+
+class Canceller(Protocol):
+    def cancel(self, f: JobFuture) -> bool: ...
 
 
 class JobFuture(concurrent.futures.Future[Any]):
@@ -19,7 +26,7 @@ class JobFuture(concurrent.futures.Future[Any]):
     futures, none of their own: an executor makes thousands of them).
     """
 
-    def __init__(self, tracker: Tracker, fn: str, spec: bytes) -> None:
+    def __init__(self, tracker: Canceller, fn: str, spec: bytes) -> None:
         super().__init__()
         self.fn = fn
         self.job_id: str | None = None  # set once the daemon accepted the job
@@ -50,3 +57,26 @@ class Permits:
         with self._cond:
             self._free += n
             self._cond.notify_all()
+
+
+Outcome: TypeAlias = tuple[JobFuture, Job | None, BaseException | None]  # a future, its Job or error
+
+
+class Book(Protocol):
+    """The tracker's side that the watch threads use; every field is guarded by `lock`."""
+
+    lock: threading.Lock
+    changed: threading.Condition
+    outstanding: dict[str, JobFuture]
+    unstarted: dict[str, JobFuture]
+    plain_ids: bool
+
+    @property
+    def client(self) -> Any: ...
+    def idle(self) -> bool: ...
+    def claim(self, items: Iterable[Outcome]) -> list[Outcome]: ...
+    def resolve(self, won: list[Outcome]) -> None: ...
+    def settle(self, items: Iterable[Outcome]) -> int: ...
+    def observe(self, f: JobFuture, job: Job) -> int: ...
+    def mark_running(self, seen: Iterable[tuple[JobFuture, Job | None]]) -> int: ...
+    def patiently(self, action: Callable[[], T], retry: Callable[[PooldError], bool]) -> T: ...

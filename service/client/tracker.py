@@ -15,18 +15,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 from service.client import ops
 from service.client.common import FINISHED, Job, outcome
 from service.client.errors import PooldError, PooldUnavailable
-from service.client.futures import JobFuture, Permits
+from service.client.futures import JobFuture, Outcome, Permits
 from service.client.sync import Client
 from service.client.watch import Watcher
 
 T = TypeVar("T")
 _Base = concurrent.futures.Future
-Outcome: TypeAlias = tuple[JobFuture, Job | None, BaseException | None]  # a future, its Job or error
 
 COALESCE_JOBS = 500  # consecutive submit() calls sent as one batch, at most this many jobs
 COALESCE_BYTES = 256 * 1024  # ... and about this many bytes (the daemon's default limit is 1 MiB)

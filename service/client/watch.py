@@ -17,14 +17,11 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from service.client import ops
 from service.client.common import Job
 from service.client.errors import PooldError, PooldUnavailable
-
-if TYPE_CHECKING:
-    from service.client.tracker import Outcome, Tracker
+from service.client.futures import Book, Outcome
 
 LONG_POLL = 30.0  # seconds the main poll may be held (the daemon allows 60)
 SHORT_MIN, SHORT_MAX = 0.1, 2.0  # an overlapping poll; it doubles while nothing finishes
@@ -51,7 +48,7 @@ def _retry_wait(e: PooldError) -> bool:
 class Watcher:
     """The watch threads of one Tracker; their state is guarded by the tracker's lock."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Book) -> None:
         self.t = tracker
         self._polls: list[_Poll] = []  # out now
         self._covered: set[str] = set()  # the ids of the polls out now

@@ -144,7 +144,7 @@ def test_unimportable_functions_are_refused_before_sending(fn: Any, why: str,
 @pytest.mark.parametrize("fn, name", [
     (jobs.add, "tests.support.jobs:add"),
     ("tests.support.jobs:add", "tests.support.jobs:add"),
-    (_Holder.method, "tests.test_client:_Holder.method"),
+    (_Holder.method, "tests.e2e.test_client:_Holder.method"),
 ])
 def test_function_names(fn: Any, name: str) -> None:
     assert common.fn_name(fn) == name
