@@ -89,7 +89,7 @@ def on_poold(c: Conn, n: int, jobs: int) -> tuple[float, list[int]]:
     ids = [j["id"] for j in body["jobs"]]
     done: dict[str, dict[str, object]] = {}
     while len(done) < len(ids):
-        status, body = c.call("POST", "/v1/jobs/wait", {"ids": [i for i in ids if i not in done],
+        status, body = c.call("POST", "/v1/jobs/wait", {"ids": [i for i in ids if i not in done][:1000],
                                                         "timeout": 60, "all": True})
         assert status == 200, (status, body)
         done.update((j["id"], j) for j in body["jobs"])

@@ -37,6 +37,7 @@ import psutil
 from bench import jobs as bench_jobs
 from bench.harness import Conn, daemon
 from tests.support import jobs as test_jobs
+from tests.support.supervision import ended, when_ended
 
 WORKERS = 2
 INTERVAL, KILL_GRACE = 1.0, 3.0  # the contract's defaults
@@ -61,30 +62,6 @@ def watch(pid: int) -> psutil.Process | None:
         return None
     _started.append(p)
     return p
-
-
-def ended(p: psutil.Process | None) -> bool:
-    """True when the process no longer runs: exited (even if its pid was reused) or a zombie."""
-    if p is None:
-        return True
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def when_ended(procs: dict[str, psutil.Process | None], timeout: float) -> dict[str, float]:
-    """Polls (every 5 ms) until every process has ended or `timeout` passes; returns, for each that
-    ended, the wall-clock time (time.time(), comparable with a Job's timestamps) it was first seen
-    ended. tests/test_supervision uses it too."""
-    seen: dict[str, float] = {}
-    end = time.monotonic() + timeout
-    while len(seen) < len(procs) and time.monotonic() < end:
-        for k, p in procs.items():
-            if k not in seen and ended(p):
-                seen[k] = time.time()
-        time.sleep(0.005)
-    return seen
 
 
 def read_pid(path: Path, timeout: float = 10) -> int:

@@ -176,12 +176,33 @@ def _check(section: str, key: str, value: Any, where: str) -> None:
                 raise ConfigError(where, name, f"{pattern!r} is not 'module:name' or 'module:*'")
     if name == "store.path" and not value.strip():
         raise ConfigError(where, name, "must name a file (or :memory:)")
+    if name == "store.path" and (why := _unwritable(value)):
+        raise ConfigError(where, name, why)
     if name == "pool.preload":
         for mod in value:
             if not mod or not all(part.isidentifier() for part in mod.split(".")):
                 raise ConfigError(where, name, f"{mod!r} is not a module name")
             if not _findable(mod):  # else no worker could ever start: they would fail in a loop
                 raise ConfigError(where, name, f"module {mod!r} not found")
+
+
+def _unwritable(path: str) -> str:
+    """Why the store could not be made at `path` ("" when it can): said here, by key, rather than
+    as SQLite's "unable to open database file" once the daemon starts."""
+    if path == ":memory:" or path.startswith("file:"):
+        return ""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return f"{path!r} is a directory, not a file"
+    if os.path.exists(target):
+        writable = os.access(target, os.R_OK | os.W_OK)
+        return "" if writable else f"{path!r} cannot be written (permission denied)"
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        return f"the directory {parent!r} of {path!r} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the directory {parent!r} of {path!r} cannot be written (read-only or permission denied)"
+    return ""
 
 
 def _findable(mod: str) -> bool:

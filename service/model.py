@@ -9,6 +9,7 @@ clients load it too.
 
 from __future__ import annotations
 
+import time
 import traceback
 from enum import StrEnum
 from typing import Any
@@ -58,3 +59,16 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
+def iso(t: float | None) -> str | None:
+    """2026-11-24T12:00:00.000000Z (UTC, microseconds)."""
+    if t is None:
+        return None
+    sec = int(t)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"

@@ -32,8 +32,8 @@ from service.client.errors import PooldError
 
 T = TypeVar("T")
 
-# Job ids per POST /v1/jobs/wait: about 350 kB of body, well under the daemon's default 1 MiB.
-WAIT_IDS = 10000
+# Job ids per POST /v1/jobs/wait: the most the daemon takes in one (CONTRACT.md).
+WAIT_IDS = 1000
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,10 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def _workers(n: int) -> str:
+    return "1 worker" if n == 1 else f"{n} workers"
+
+
 async def _serve(cfg: Config, early: list[int]) -> int:
     loop = asyncio.get_running_loop()
     stop, reload = asyncio.Event(), asyncio.Event()
@@ -171,15 +175,16 @@ async def _serve(cfg: Config, early: list[int]) -> int:
     probe = Probe(cfg.pool.start_method, getattr(scheduler.pool, "_lifeline_r", None))
     ctx = Context(cfg=cfg, store=store, scheduler=scheduler, metrics=metrics,
                   allow=Allow(cfg.jobs.allow, probe), token=cfg.token, version=service.__version__)
-    scheduler.start()
     try:
+        # the sockets first: a port in use is said at once, before any worker is started
         async with _listening(make_app(ctx), cfg) as where:
-            log.info("poold %s serving on %s with %d workers (%s), store %s", service.__version__,
-                     ", ".join(where), cfg.pool.size, cfg.pool.start_method, cfg.store.path)
+            scheduler.start()
+            log.info("poold %s serving on %s with %s (%s), store %s", service.__version__,
+                     ", ".join(where), _workers(cfg.pool.size), cfg.pool.start_method, cfg.store.path)
             watch_task = loop.create_task(Watch(ctx).run())
             await _wait_ready(scheduler, stop)
             if not stop.is_set():  # stopped before it was ready: no READY=1, straight to STOPPING=1
-                systemd.notify("READY=1", f"STATUS=serving with {cfg.pool.size} workers")
+                systemd.notify("READY=1", f"STATUS=serving with {_workers(cfg.pool.size)}")
             while not stop.is_set():
                 await _first(stop, reload)
                 if reload.is_set() and not stop.is_set():
@@ -246,8 +251,8 @@ def _reload(ctx: Context) -> None:
         ctx.allow.probe.replace()
     ctx.cfg, ctx.token, ctx.allow = new, token, Allow(new.jobs.allow, ctx.allow.probe)
     ctx.scheduler.reconfigure(new)
-    log.info("configuration reloaded: %d workers, allow %s", new.pool.size, ", ".join(new.jobs.allow))
-    systemd.notify("READY=1", f"STATUS=configuration reloaded: {new.pool.size} workers")
+    log.info("configuration reloaded: %s, allow %s", _workers(new.pool.size), ", ".join(new.jobs.allow))
+    systemd.notify("READY=1", f"STATUS=configuration reloaded: {_workers(new.pool.size)}")
 
 
 async def _drain(ctx: Context) -> None:

@@ -1,10 +1,11 @@
-"""The worker → daemon event pipe, read without blocking (see FrameReader)."""
+"""The worker → parent event pipe, read without blocking (see FrameReader)."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from typing import Any
 
 
@@ -13,15 +14,17 @@ class FrameReader:
 
     The frames are multiprocessing.Connection's (a 4-byte big-endian length, or -1 then an
     8-byte length, then a pickle). A frame cut short by the worker's death is dropped at EOF;
-    it never blocks the event loop, as Connection.recv() would.
+    it never blocks the event loop, as Connection.recv() would. Each unpickled frame is passed
+    through `decode` (service.engine.protocol.decode: tagged tuples to typed messages).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, decode: Callable[[Any], Any]) -> None:
         self.fd = fd
         os.set_blocking(fd, False)
         self.buf = bytearray()
+        self.decode = decode
 
-    def read(self) -> list[tuple[Any, ...]]:
+    def read(self) -> list[Any]:
         """Messages complete so far; EOFError once the worker's end is closed."""
         while True:
             try:
@@ -37,8 +40,9 @@ class FrameReader:
                 break
         return self.messages()
 
-    def messages(self) -> list[tuple[Any, ...]]:
+    def messages(self) -> list[Any]:
         out = []
+        decode = self.decode
         buf, pos, end = self.buf, 0, len(self.buf)
         while end - pos >= 4:
             (n,) = _INT.unpack_from(buf, pos)
@@ -50,7 +54,7 @@ class FrameReader:
                 head = 12
             if end - pos - head < n:
                 break
-            out.append(pickle.loads(memoryview(buf)[pos + head:pos + head + n]))
+            out.append(decode(pickle.loads(memoryview(buf)[pos + head:pos + head + n])))
             pos += head + n
         del buf[:pos]
         return out

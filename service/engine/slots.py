@@ -1,11 +1,11 @@
-"""Worker slots: one single-worker ProcessPoolExecutor per slot.
+"""Worker slots: one single-worker ProcessPoolExecutor per slot — the engine both faces share.
 
 A bare ProcessPoolExecutor fails every pending future when one of its
 workers dies; one executor per slot keeps a death local to its slot, which is
 rebuilt alone. Each slot has its own pipes (events from the worker, cancels
 to it), so a worker killed mid-write corrupts nothing but its own pipe. The
-pool decides nothing about jobs: it reports events and batch ends to the
-scheduler.
+slots decide nothing about jobs: they report events and batch ends to their
+owner (the daemon's dispatcher, or an embedded service.Pool).
 """
 
 from __future__ import annotations
@@ -16,23 +16,39 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
-from service.config import PoolConfig
-from service.engine import exitstatus, ledger, worker
+from service.engine import exitstatus, ledger, protocol, worker
 from service.engine.frames import FrameReader
+from service.engine.options import PoolOptions
 from service.engine.procs import supervisor
-from service.store.sqlite.store import Claimed
+from service.engine.protocol import Event, Job, WorkerSetup
+from service.model import iso
 
 log = logging.getLogger("poold.pool")
 
-EventHandler = Callable[["Slot", list[tuple[Any, ...]]], None]
-BatchEndHandler = Callable[["Slot", list[Claimed], BaseException | None], None]
+STARTING_GRACE = 10.0  # seconds a worker being started or replaced counts as alive (/health)
+
+
+class Item(Protocol):
+    """What an owner hands to a slot in a batch (a claimed job, a call): it has an id."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class Owner(Protocol):
+    """Who the slots report to."""
+
+    def slot_events(self, slot: Slot, msgs: list[Event]) -> None: ...
+    def batch_ended(self, slot: Slot, batch: list[Any], exc: BaseException | None) -> None: ...
+    def slot_ready(self, slot: Slot) -> None: ...
+    def slot_failed(self, slot: Slot, exc: BaseException) -> None: ...
+    def slot_replaced(self, why: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -40,6 +56,7 @@ class Slot:
     """One worker process and what it is doing."""
 
     n: int
+    title: str = "poold: worker"  # "<name>: worker N"
     state: str = "starting"  # starting | idle | busy
     pid: int | None = None
     started_at: float = 0.0
@@ -48,7 +65,7 @@ class Slot:
     process: Any = None  # the multiprocessing.Process behind the executor (for its exit code)
     events: multiprocessing.connection.Connection | None = None
     control: multiprocessing.connection.Connection | None = None
-    batches: list[list[Claimed]] = field(default_factory=list)  # submitted, not yet ended
+    batches: list[list[Any]] = field(default_factory=list)  # of Items: submitted, not yet ended
     current: str | None = None  # the job that has started and not ended
     current_started: float = 0.0
     kill_reason: dict[str, str] = field(default_factory=dict)  # job id -> "timeout" | "cancel"
@@ -57,32 +74,42 @@ class Slot:
     dying: bool = False  # its death is being handled
     exit: str = "died"  # how it ended ("was sent SIGKILL", "exited with code 3")
     oom_kills: int = 0  # the kernel's OOM kill count when this worker started
-    retiring: bool = False  # replace once its batches end (recycling, resizing)
+    retiring: bool = False  # drop once its batches end (resizing)
+    renewing: bool = False  # replace once its batches end (a reload: fresh imports)
+    launched: float = field(default_factory=time.monotonic)  # this slot's worker was asked for
     generation: int = 0
 
     @property
     def name(self) -> str:
-        return f"poold: worker {self.n}"
+        return self.title
+
+    def taking(self) -> bool:
+        """Whether it may be given a batch now."""
+        return not (self.retiring or self.renewing or self.killed or self.dying or self.executor is None)
+
+    def coming(self) -> bool:
+        """Starting or being replaced, recently enough to count as alive."""
+        return self.state == "starting" and time.monotonic() - self.launched < STARTING_GRACE
 
     def pending_ids(self) -> set[str]:
         return {c.id for b in self.batches for c in b}
 
 
-class Pool:
-    """Starts, replaces and kills slots; forwards worker events to the scheduler."""
+class Slots:
+    """Starts, replaces and kills slots; forwards worker events to their owner."""
 
-    def __init__(self, cfg: PoolConfig, on_events: EventHandler, on_batch_end: BatchEndHandler,
-                 on_ready: Callable[[Slot], None], on_restart: Callable[[str], None],
-                 ledger_base: str | None = None) -> None:
+    def __init__(self, cfg: PoolOptions, owner: Owner, *, ledger_base: str | None = None,
+                 label_output: bool = True, end_children: bool = False) -> None:
         self.cfg = cfg
         self.ledger = ledger_base  # the store's path: workers keep their start rings beside it
+        self.label_output, self.end_children = label_output, end_children
         self.ctx = multiprocessing.get_context(cfg.start_method)
         if cfg.start_method == "forkserver":
             exitstatus.whole_reads()
-            # workers fork from a server that has already imported what they need: fast and shared
-            self.ctx.set_forkserver_preload(["service.engine.worker", "json", "psutil", *cfg.preload])
-        self._on_events, self._on_batch_end, self._on_ready = on_events, on_batch_end, on_ready
-        self._on_restart = on_restart
+            # workers fork from a server that has already imported what they need: fast and
+            # shared. Never job code (the preload modules included): a reload must import afresh.
+            self.ctx.set_forkserver_preload(["service.engine.worker", "json", "psutil", "pickle"])
+        self.owner = owner
         self._lifeline_r, self._lifeline_w = self.ctx.Pipe(duplex=False)
         self.slots: dict[int, Slot] = {}
         self.restarts = 0
@@ -94,13 +121,30 @@ class Pool:
     def start(self, size: int) -> None:
         self._loop = asyncio.get_running_loop()
         for n in range(1, size + 1):
-            self._launch(Slot(n))
+            self._launch(self._new(n))
+
+    def _new(self, n: int, generation: int = 0) -> Slot:
+        return Slot(n, f"{self.cfg.name}: worker {n}", generation=generation)
+
+    def renew(self) -> None:
+        """Replaces every worker gracefully (a reload): an idle one now, a busy one once its
+        batch ends; the jobs it holds but has not started are given back (they start elsewhere,
+        on a fresh worker), so every job that starts from now on runs on fresh imports."""
+        for slot in list(self.slots.values()):
+            if slot.state == "starting" or slot.killed or slot.dying:
+                continue
+            if not slot.batches:
+                self.replace(slot, "reload")
+                continue
+            slot.renewing = True
+            for jid in slot.pending_ids() - {slot.current}:
+                self.cancel_pending(slot, jid)
 
     def resize(self, size: int) -> None:
         """Grows at once; shrinks by retiring the highest slots once they are idle."""
         for n in range(1, size + 1):
             if n not in self.slots:
-                self._launch(Slot(n))
+                self._launch(self._new(n))
             else:
                 self.slots[n].retiring = False  # kept after all (a shrink undone before it happened)
         for n, slot in list(self.slots.items()):
@@ -125,26 +169,28 @@ class Pool:
             inherited = tuple(c.fileno() for s in self.slots.values()
                               for c in (s.events, s.control) if c is not None)
             inherited += (self._lifeline_w.fileno(), events_r.fileno(), control_w.fileno())
-        executor = ProcessPoolExecutor(
-            1, mp_context=self.ctx, initializer=worker.init,
-            initargs=(slot.n, events_w, control_r, self._lifeline_r, self.cfg.preload, inherited,
-                      ledger.path(self.ledger, slot.n) if self.ledger else None))
+        setup = WorkerSetup(slot.n, self.cfg.name, tuple(self.cfg.preload), inherited,
+                            ledger.path(self.ledger, slot.n) if self.ledger else None,
+                            self.label_output, self.end_children)
+        executor = ProcessPoolExecutor(1, mp_context=self.ctx, initializer=worker.init,
+                                       initargs=(setup, events_w, control_r, self._lifeline_r))
         slot.executor, slot.events, slot.control = executor, events_r, control_w
         try:
-            hello = executor.submit(worker.hello)  # starts the process: the pipe ends are now its own
-        finally:
-            events_w.close()
-            control_r.close()
-        slot.process = next(iter(getattr(executor, "_processes", {}).values()), None)
-        slot.pid = getattr(slot.process, "pid", None)
-        assert self._loop is not None
-        slot.reader = FrameReader(events_r.fileno())
-        self._loop.add_reader(events_r.fileno(), self._read, slot, slot.reader)
-        try:
+            try:
+                hello = executor.submit(worker.hello)  # starts the process: the pipe ends are now its own
+            finally:
+                events_w.close()
+                control_r.close()
+            slot.process = next(iter(getattr(executor, "_processes", {}).values()), None)
+            slot.pid = getattr(slot.process, "pid", None)
+            assert self._loop is not None
+            slot.reader = FrameReader(events_r.fileno(), protocol.decode)
+            self._loop.add_reader(events_r.fileno(), self._read, slot, slot.reader)
             pid, _ = await asyncio.wrap_future(hello)
         except Exception as e:  # noqa: BLE001 - a worker that cannot start is retried after a pause
             log.error("worker %d could not start: %s", slot.n, e)
             self._close(slot)
+            self.owner.slot_failed(slot, e)
             await asyncio.sleep(1.0)
             if self.slots.get(slot.n) is slot:
                 self._launch(slot)
@@ -152,7 +198,7 @@ class Pool:
         slot.pid, slot.started_at, slot.oom_kills = pid, time.time(), supervisor.oom_kills()
         slot.state = "idle"
         log.debug("worker %d started (pid %d)", slot.n, pid)
-        self._on_ready(slot)
+        self.owner.slot_ready(slot)
 
     def _read(self, slot: Slot, reader: FrameReader) -> None:
         try:
@@ -162,22 +208,22 @@ class Pool:
             self._loop.remove_reader(reader.fd)
             msgs = reader.messages()
             if msgs:
-                self._on_events(slot, msgs)
+                self.owner.slot_events(slot, msgs)
             if not slot.batches and slot.state == "idle" and self.slots.get(slot.n) is slot \
                     and not self.stopping:
                 self._broken(slot, None)  # died between jobs: no future will tell
             return
         if msgs:
-            self._on_events(slot, msgs)
+            self.owner.slot_events(slot, msgs)
 
     def drain(self, slot: Slot) -> None:
         """Reads what the worker sent before its batch ended (the pipe is read before the result)."""
         if slot.reader is not None and slot.events is not None and not slot.events.closed:
             self._read(slot, slot.reader)
 
-    def submit(self, slot: Slot, batch: list[Claimed], max_result_bytes: int) -> None:
+    def submit(self, slot: Slot, batch: list[Any], jobs: list[Job], max_result_bytes: int = 0) -> None:
+        """Hands the worker a batch: `batch` (the owner's Items) travels as `jobs`, in order."""
         assert slot.executor is not None
-        jobs = [(c.id, c.fn, c.args, c.kwargs, c.seq, c.attempts) for c in batch]
         fut: Future[int] = slot.executor.submit(worker.run_batch, jobs, max_result_bytes,
                                                 self.cfg.max_memory_mb)
         slot.batches.append(batch)
@@ -187,7 +233,7 @@ class Pool:
         loop = self._loop
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._batch_done, slot, gen, batch, f))
 
-    def _batch_done(self, slot: Slot, gen: int, batch: list[Claimed], fut: Future[int]) -> None:
+    def _batch_done(self, slot: Slot, gen: int, batch: list[Any], fut: Future[int]) -> None:
         if gen != slot.generation or batch not in slot.batches:
             return  # a batch of a worker already replaced: handled when it broke
         self.drain(slot)
@@ -198,9 +244,11 @@ class Pool:
         slot.batches.remove(batch)
         if not slot.batches:
             slot.state = "idle"
-        self._on_batch_end(slot, batch, None)
+        self.owner.batch_ended(slot, batch, None)
         if not slot.batches and slot.killed:  # killed (a cancel) just as its batch ended
             self.replace(slot, slot.killed)
+        elif not slot.batches and slot.renewing:
+            self.replace(slot, "reload")
         elif not slot.batches and (slot.retiring or self._due_for_recycling(slot)):
             self.replace(slot, "recycled")
 
@@ -252,7 +300,7 @@ class Pool:
     def _end_broken(self, slot: Slot, exc: BaseException | None) -> None:
         batches, slot.batches = slot.batches, []
         for batch in batches:
-            self._on_batch_end(slot, batch, exc or RuntimeError("the worker died"))
+            self.owner.batch_ended(slot, batch, exc or RuntimeError("the worker died"))
         self.replace(slot, slot.killed or "died")
 
     def cancel_pending(self, slot: Slot, job_id: str) -> None:
@@ -260,7 +308,7 @@ class Pool:
         if slot.control is not None:
             try:
                 slot.control.send([job_id])
-            except OSError:
+            except (OSError, ValueError):  # closed: the worker is going anyway
                 pass
 
     # -- ending workers
@@ -278,16 +326,22 @@ class Pool:
         if slot.pid is not None:
             supervisor.kill_tree(slot.pid, grace=0.0)
 
+    async def end(self, slot: Slot, why: str) -> None:
+        """Kills the worker and every process it started, and returns once they are gone."""
+        slot.killed = slot.killed or why
+        if slot.pid is not None:
+            await asyncio.to_thread(supervisor.kill_tree, slot.pid)
+
     def replace(self, slot: Slot, why: str) -> None:
         """Gives the slot a fresh worker (or drops it when it is being retired)."""
         self.kill(slot, why)
         self._close(slot)
         self.restarts += 1
-        self._on_restart(why)
+        self.owner.slot_replaced(why)
         if slot.retiring:
             self.slots.pop(slot.n, None)
             return
-        self._launch(Slot(slot.n, generation=slot.generation))
+        self._launch(self._new(slot.n, slot.generation))
 
     def _drop(self, slot: Slot) -> None:
         self.kill(slot, "retired")
@@ -326,6 +380,21 @@ class Pool:
     async def stop_helpers(self) -> None:
         """Ends the forkserver and resource tracker (after every process that holds their pipes)."""
         await asyncio.to_thread(supervisor.stop_helpers)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The Worker objects of the HTTP API (CONTRACT.md, "Worker")."""
+        out = []
+        for s in sorted(self.slots.values(), key=lambda s: s.n):
+            rss = 0
+            if s.pid is not None:
+                try:
+                    rss = psutil.Process(s.pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            out.append({"pid": s.pid, "name": s.name, "state": s.state, "job": s.current,
+                        "rss_bytes": rss, "tasks_done": s.tasks_done,
+                        "started_at": iso(s.started_at or time.time())})
+        return out
 
     def processes(self) -> list[int]:
         return [s.pid for s in self.slots.values() if s.pid is not None]

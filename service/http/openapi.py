@@ -1,7 +1,8 @@
 """The OpenAPI 3.0.3 document of the poold HTTP API, served at `GET /openapi.json`.
 
-One data structure, written from CONTRACT.md ("HTTP API"), so the document and
-the contract agree (tests/test_openapi.py checks the numbers and codes). It is
+One data structure, written from CONTRACT.md ("HTTP API", and "What changes in
+the first part" of its second part), so the document and the contract agree
+(tests/unit/test_openapi.py checks the numbers, codes and query parameters). It is
 3.0.3 rather than 3.1 because that is what most tooling (schemathesis,
 generators) handles best; `nullable` therefore stands in for `null` types.
 """
@@ -11,13 +12,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from service import model
+
 JSON = "application/json"
-STATES = ["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
-ERROR_TYPES = ["exception", "timeout", "worker_died", "unserializable_result", "result_too_large",
-               "interrupted"]
+STATES = list(model.STATES)
+ERROR_TYPES = [t.value for t in model.ErrorType]
 ERROR_CODES = ["invalid_json", "invalid_request", "function_not_found", "unauthorized",
                "function_not_allowed", "not_found", "method_not_allowed", "already_finished",
-               "already_started", "payload_too_large", "queue_full", "draining"]
+               "already_started", "payload_too_large", "queue_full", "draining", "store_unavailable",
+               "expectation_failed"]
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 FN_PATTERN = f"^{_DOTTED}:{_DOTTED}$"  # `module:name`; dotted qualnames allowed after the colon
 
@@ -52,10 +55,19 @@ NOT_FOUND = _error("No job with this id (or it expired after `jobs.result_ttl`).
 INVALID_JSON = _error("The body is not JSON.", "invalid_json")
 TOO_LARGE = _error("The body is larger than `server.max_body_bytes`.", "payload_too_large")
 NOT_ALLOWED = _error("The function is not matched by `jobs.allow`.", "function_not_allowed")
-DRAINING = _error("The daemon is draining for shutdown and takes no new jobs.", "draining")
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                "required": True, "schema": {"type": "integer", "minimum": 0}}}
+STORE_UNAVAILABLE = {**_error("The job store cannot be read or written; the daemon keeps trying to "
+                              "recover.", "store_unavailable"), "headers": _RETRY_AFTER}
+DRAINING_OR_STORE = {**_error("The daemon is draining for shutdown and takes no new jobs (`draining`), "
+                              "or the job store cannot be written (`store_unavailable`).",
+                              "draining", "store_unavailable"),
+                     "headers": _RETRY_AFTER}
+EXPECTATION_FAILED = _error("The request has an `Expect` header other than `100-continue`.",
+                            "expectation_failed")
+UNKNOWN_QUERY = _error("An unknown query parameter (the message names it).", "invalid_request")
 QUEUE_FULL = {**_error("More than `jobs.max_queue` jobs would be queued.", "queue_full"),
-              "headers": {"Retry-After": {"description": "Seconds to wait before retrying.",
-                                          "required": True, "schema": {"type": "integer", "minimum": 0}}}}
+              "headers": _RETRY_AFTER}
 
 JOB_ID = {"name": "id", "in": "path", "required": True, "description": "The job's id.",
           "schema": {"type": "string"}}
@@ -163,12 +175,28 @@ HEALTH: Schema = {
 }
 
 
+WAIT_REQUEST: Schema = {
+    "type": "object", "required": ["ids"], "additionalProperties": False,
+    "properties": {
+        "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1000,
+                "description": "The jobs to wait for, 1 to 1000 ids."},
+        "timeout": {"type": "number", "minimum": 0, "maximum": 60, "default": 0,
+                    "description": "Seconds to wait at most, 0 to 60; 0 answers at once."},
+        "all": {"type": "boolean", "default": False,
+                "description": "Wait until every job has finished, not just one."},
+    },
+}
+
+
 def _list(key: str, item: str) -> Schema:
     return {"type": "object", "required": [key], "properties": {key: {"type": "array", "items": _ref(item)}}}
 
 
 def _op(op_id: str, tag: str, summary: str, description: str, responses: Schema, **extra: Any) -> Schema:
-    """An operation; every one but /health may answer 401 when a token is configured."""
+    """An operation. Every one may answer 417 (an `Expect` it cannot meet) and 422 (an unknown
+    query parameter: an operation with a 422 of its own says so there); every one but /health
+    may answer 401 when a token is configured."""
+    responses = {"422": UNKNOWN_QUERY, **responses, "417": EXPECTATION_FAILED}
     if extra.pop("auth", True):
         responses = {**responses, "401": UNAUTHORIZED}
     return {"operationId": op_id, "tags": [tag], "summary": summary, "description": description,
@@ -177,7 +205,7 @@ def _op(op_id: str, tag: str, summary: str, description: str, responses: Schema,
 
 def _paths() -> Schema:
     submit_errors = {"400": INVALID_JSON, "403": NOT_ALLOWED, "413": TOO_LARGE, "429": QUEUE_FULL,
-                     "503": DRAINING}
+                     "503": DRAINING_OR_STORE}
     return {
         "/v1/jobs": {
             "post": _op(
@@ -187,14 +215,16 @@ def _paths() -> Schema:
                 {"202": _json("Accepted and queued.", _ref("Job"), headers={"Location": {
                     "description": "`/v1/jobs/{id}` of the new job.", "schema": {"type": "string"}}}),
                  "200": _json("The existing job with this `key`; nothing new enqueued.", _ref("Job")),
-                 "422": _error("A field is missing, of the wrong type, out of range or unknown (the message "
-                               "names it), or the function cannot be found.",
-                               "invalid_request", "function_not_found"), **submit_errors},
+                 "422": _error("A field is missing, of the wrong type, out of range or unknown, or a query "
+                               "parameter is unknown (the message names it); or the function cannot be "
+                               "found.", "invalid_request", "function_not_found"), **submit_errors},
                 requestBody={"required": True, "content": {JSON: {"schema": _ref("JobSpec")}}}),
             "get": _op(
                 "listJobs", "jobs", "List jobs", "Kept jobs, newest first.",
                 {"200": _json("The jobs.", _list("jobs", "Job")),
-                 "422": _error("`state` or `limit` is invalid.", "invalid_request")},
+                 "422": _error("`state` or `limit` is invalid, or another query parameter is given "
+                               "(the message names it).", "invalid_request"),
+                 "503": STORE_UNAVAILABLE},
                 parameters=[
                     {"name": "state", "in": "query", "description": "Only jobs in this state.",
                      "schema": {"type": "string", "enum": STATES}},
@@ -206,12 +236,28 @@ def _paths() -> Schema:
             "All or nothing: one invalid spec rejects the whole batch, with its index in the message; a "
             "batch that would cross `jobs.max_queue` is refused whole (429).",
             {"202": _json("All accepted; the jobs in request order.", _list("jobs", "Job")),
-             "422": _error("A spec is invalid (the message names its index and the field), or a "
-                           "function cannot be found.", "invalid_request", "function_not_found"),
+             "422": _error("A spec is invalid (the message names its index and the field), a query "
+                           "parameter is unknown, or a function cannot be found.",
+                           "invalid_request", "function_not_found"),
              **submit_errors},
             requestBody={"required": True, "content": {JSON: {"schema": {
                 "type": "object", "required": ["jobs"],
                 "properties": {"jobs": {"type": "array", "items": _ref("JobSpec")}}}}}})},
+        "/v1/jobs/wait": {"post": _op(
+            "waitJobs", "jobs", "Wait for any (or all) of many jobs",
+            "One long-poll for up to 1000 jobs: answers with those among `ids` that have finished, as "
+            "soon as one of them has (with `all`: every one), or after `timeout` seconds with those "
+            "finished by then (possibly none). An id given twice counts once.",
+            {"200": _json("The finished jobs among `ids`, in no particular order.", _list("jobs", "Job")),
+             "400": INVALID_JSON,
+             "404": _error("An id names no job (or one that expired after `jobs.result_ttl`); the "
+                           "message names the first such id.", "not_found"),
+             "413": TOO_LARGE,
+             "422": _error("`ids`, `timeout` or `all` is missing, of the wrong type or out of range, a "
+                           "field or a query parameter is unknown (the message names it).",
+                           "invalid_request"),
+             "503": STORE_UNAVAILABLE},
+            requestBody={"required": True, "content": {JSON: {"schema": _ref("WaitRequest")}}})},
         "/v1/jobs/{id}": {
             "parameters": [JOB_ID],
             "get": _op(
@@ -219,7 +265,9 @@ def _paths() -> Schema:
                 "With `wait`, long-polls: answers as soon as the job is finished, or after `wait` "
                 "seconds with its current state.",
                 {"200": _json("The job.", _ref("Job")), "404": NOT_FOUND,
-                 "422": _error("`wait` is not a number from 0 to 60.", "invalid_request")},
+                 "422": _error("`wait` is not a number from 0 to 60, or another query parameter is "
+                               "given (the message names it).", "invalid_request"),
+                 "503": STORE_UNAVAILABLE},
                 parameters=[{"name": "wait", "in": "query", "description": "Seconds to wait, 0 to 60.",
                              "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0}}]),
             "delete": _op(
@@ -230,7 +278,9 @@ def _paths() -> Schema:
                  "409": _error("The job has already finished (`already_finished`), or has started and "
                                "`queued_only` was true (`already_started`).",
                                "already_finished", "already_started"),
-                 "422": _error("`queued_only` is not a boolean.", "invalid_request")},
+                 "422": _error("`queued_only` is not a boolean, or another query parameter is given "
+                               "(the message names it).", "invalid_request"),
+                 "503": STORE_UNAVAILABLE},
                 parameters=[{"name": "queued_only", "in": "query",
                              "description": "Only cancel a job that has not started yet.",
                              "schema": {"type": "boolean", "default": False}}]),
@@ -262,7 +312,9 @@ def document(version: str) -> dict[str, Any]:
                            "`not_found`, an unsupported method 405 `method_not_allowed`. Authentication "
                            "applies only when the daemon has a token configured (`server.token` or "
                            "`server.token_file`): then every endpoint except `GET /health` requires "
-                           "`Authorization: Bearer <token>`.",
+                           "`Authorization: Bearer <token>`. An unknown query parameter is 422 "
+                           "`invalid_request` naming it; an `Expect` other than `100-continue` is 417 "
+                           "`expectation_failed`.",
         },
         "tags": [{"name": "jobs"}, {"name": "workers"}, {"name": "operations"}],
         "security": [{"bearer": []}],
@@ -271,6 +323,7 @@ def document(version: str) -> dict[str, Any]:
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
                 "description": "Required only when a token is configured."}},
-            "schemas": {"JobSpec": JOB_SPEC, "Job": JOB, "Worker": WORKER, "Error": ERROR, "Health": HEALTH},
+            "schemas": {"JobSpec": JOB_SPEC, "Job": JOB, "Worker": WORKER, "Error": ERROR, "Health": HEALTH,
+                        "WaitRequest": WAIT_REQUEST},
         },
     })

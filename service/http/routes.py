@@ -7,12 +7,13 @@ Every answer is JSON, errors included ({"error": {"code", "message"}}). The
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -219,19 +220,28 @@ async def _until_final(ctx: Context, ids: list[str], timeout: float, need_all: b
         ids = still
 
 
+_WAIT_IDS = 1000  # ids per POST /v1/jobs/wait (CONTRACT.md): the clients send at most this many
+_WAIT_FIELDS = frozenset({"ids", "timeout", "all"})
+
+
 async def wait_jobs(request: web.Request) -> web.Response:
     """POST /v1/jobs/wait {"ids": [...], "timeout": S, "all": false}: one long-poll for many jobs.
 
     Answers with the jobs among `ids` that have finished, as soon as one has (or all have, with
-    "all": true), or after S seconds (0..60) with those finished by then. Unknown ids are left out.
+    "all": true), or after S seconds (0..60) with those finished by then. An unknown id is a 404
+    naming it: left out, it would look like a job still running, and the caller would wait on.
     """
     ctx = request.app[CTX]
     body = await _body(request)
     if not isinstance(body, dict) or not isinstance(body.get("ids"), list) \
             or not all(isinstance(i, str) for i in body["ids"]):
         raise ApiError(422, "invalid_request", "ids: expected a list of job ids")
-    if len(body["ids"]) > 100000:
-        raise ApiError(422, "invalid_request", "ids: at most 100000 ids")
+    if unknown_fields := sorted(set(body) - _WAIT_FIELDS):
+        raise ApiError(422, "invalid_request",
+                       f"{unknown_fields[0]}: unknown field (fields: {', '.join(sorted(_WAIT_FIELDS))})")
+    if not 1 <= len(body["ids"]) <= _WAIT_IDS:
+        raise ApiError(422, "invalid_request",
+                       f"ids: expected 1 to {_WAIT_IDS} job ids, got {len(body['ids'])}")
     timeout = body.get("timeout", 0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 60:
         raise ApiError(422, "invalid_request", "timeout: expected a number from 0 to 60")
@@ -240,8 +250,10 @@ async def wait_jobs(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_request", "all: expected true or false")
     ids = list(dict.fromkeys(body["ids"]))
     states = ctx.store.states(ids)
-    open_ids = [i for i in ids if states.get(i) not in (None, *FINAL_STATES)]
-    done = len(states) - len(open_ids)
+    if (unknown := next((i for i in ids if i not in states), None)) is not None:
+        raise ApiError(404, "not_found", f"no job {unknown[:200]!r}")
+    open_ids = [i for i in ids if states[i] not in FINAL_STATES]
+    done = len(ids) - len(open_ids)
     if timeout and open_ids and (need_all or done == 0):
         await _until_final(ctx, open_ids, timeout, need_all)
     return _job_response('{"jobs":[' + ",".join(ctx.store.finished_json(ids)) + "]}")
@@ -287,7 +299,9 @@ def health_reasons(ctx: Context) -> list[str]:
     reasons = []
     if ctx.draining:
         reasons.append("draining for shutdown")
-    if not any(s.state in ("idle", "busy") for s in ctx.scheduler.pool.slots.values()):
+    # a worker being started or replaced counts for STARTING_GRACE seconds: a cancel of every
+    # running job, or the first request after socket activation, is not an outage
+    if not any(s.state in ("idle", "busy") or s.coming() for s in ctx.scheduler.pool.slots.values()):
         reasons.append("no worker is alive")
     if not ctx.store.probe():
         reasons.append(f"the store cannot be written: {ctx.store.last_error}")
@@ -343,19 +357,57 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+class Route(NamedTuple):
+    """One endpoint and the query parameters it takes: any other is a 422 naming it, so that a
+    misspelt or not-yet-supported filter (`?stat=failed`) is not silently ignored."""
+
+    method: str
+    path: str
+    handler: Handler
+    query: frozenset[str] = frozenset()
+
+
+# Every endpoint, with its query parameters written here and only here (later issues add theirs:
+# fn, key, schedule and cursor to GET /v1/jobs, all to GET /v1/workers).
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/jobs", submit),
+    Route("POST", "/v1/jobs/batch", submit_batch),
+    Route("POST", "/v1/jobs/wait", wait_jobs),
+    Route("GET", "/v1/jobs", list_jobs, frozenset({"state", "limit"})),
+    Route("GET", "/v1/jobs/{id}", get_job, frozenset({"wait"})),
+    Route("DELETE", "/v1/jobs/{id}", cancel_job, frozenset({"queued_only"})),
+    Route("GET", "/v1/workers", workers),
+    Route("GET", "/health", health),
+    Route("GET", "/metrics", metrics),
+    Route("GET", "/openapi.json", openapi_document),
+)
+
+
+def _shown(name: str) -> str:
+    """A query parameter's name as a message may show it (any bytes may come in a URL)."""
+    return name if name and name.isprintable() and len(name) <= 100 else repr(name[:100])
+
+
+def _with_query(route: Route) -> Handler:
+    """The route's handler, behind the check that its query names only known parameters."""
+    known, handler = route.query, route.handler
+    takes = f"this endpoint takes {', '.join(sorted(known))}" if known else "this endpoint takes none"
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.StreamResponse:
+        for name in request.query:
+            if name not in known:
+                raise ApiError(422, "invalid_request", f"{_shown(name)}: unknown query parameter ({takes})")
+        return await handler(request)
+
+    return checked
+
+
 def make_app(ctx: Context) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=2**31)
     app[CTX] = ctx
-    app.router.add_post("/v1/jobs", submit, expect_handler=_expect)
-    app.router.add_post("/v1/jobs/batch", submit_batch, expect_handler=_expect)
-    app.router.add_post("/v1/jobs/wait", wait_jobs, expect_handler=_expect)
-    app.router.add_get("/v1/jobs", list_jobs, allow_head=False, expect_handler=_expect)
-    app.router.add_get("/v1/jobs/{id}", get_job, allow_head=False, expect_handler=_expect)
-    app.router.add_delete("/v1/jobs/{id}", cancel_job, expect_handler=_expect)
-    app.router.add_get("/v1/workers", workers, allow_head=False, expect_handler=_expect)
-    app.router.add_get("/health", health, allow_head=False, expect_handler=_expect)
-    app.router.add_get("/metrics", metrics, allow_head=False, expect_handler=_expect)
-    app.router.add_get("/openapi.json", openapi_document, allow_head=False, expect_handler=_expect)
+    for route in ROUTES:  # add_route: a GET gets no implicit HEAD
+        app.router.add_route(route.method, route.path, _with_query(route), expect_handler=_expect)
     # last: unknown paths (404) and known paths with another method (405), as JSON, with our
     # Expect handling (aiohttp's own answers fail on a header that is not UTF-8)
     app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=_expect)

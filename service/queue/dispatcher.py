@@ -12,23 +12,21 @@ import asyncio
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from service.config import Config
+from service.engine.batching import MAX_BATCH, RunTimes
+from service.engine.options import PoolOptions
 from service.engine.procs import leftovers, supervisor
-from service.engine.slots import Pool, Slot
+from service.engine.protocol import OK, Done, Event, JsonJob, Progress, Started
+from service.engine.slots import Slot, Slots
 from service.model import ErrorType, job_error
 from service.queue.metrics import Metrics
 from service.queue.waiters import Waiters
 from service.store.sqlite.store import Claimed, Store
 
 log = logging.getLogger("poold.scheduler")
-
-_BATCH_SECONDS = 0.005  # aim: a batch of short jobs takes about this long
-_MAX_BATCH = 256
-
 
 @dataclass
 class Running:
@@ -40,19 +38,10 @@ class Running:
     written: bool = False  # its start is in the store
 
 
-@dataclass
-class _Stats:
-    seconds: dict[str, float] = field(default_factory=dict)  # fn -> moving average run time
-
-    def update(self, fn: str, seconds: float) -> None:
-        old = self.seconds.get(fn)
-        self.seconds[fn] = seconds if old is None else old * 0.8 + seconds * 0.2
-
-    def batch_size(self, fn: str) -> int:
-        avg = self.seconds.get(fn)
-        if avg is None:
-            return 1
-        return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(avg, 1e-6))))
+def options(cfg: Config) -> PoolOptions:
+    """The engine's options from the `[pool]` table."""
+    p = cfg.pool
+    return PoolOptions(p.workers, p.start_method, tuple(p.preload), p.max_tasks_per_worker, p.max_memory_mb)
 
 
 class Scheduler:
@@ -60,15 +49,13 @@ class Scheduler:
         self.cfg = cfg
         self.store = store
         self.metrics = metrics
-        self.pool = Pool(cfg.pool, self._on_events, self._on_batch_end, lambda slot: self.kick(),
-                         lambda why: metrics.worker_restarts.labels(why).inc(),
-                         None if store.path == ":memory:" else store.path)
+        self.pool = Slots(options(cfg), self, ledger_base=None if store.path == ":memory:" else store.path)
         # handed to a worker (in this batch of that slot), not ended
         self.dispatched: dict[str, tuple[Slot, list[Claimed]]] = {}
         self.running: dict[str, Running] = {}  # started, not ended
         self.cancelled_pending: set[str] = set()
         self.waiters = Waiters()
-        self.stats = _Stats()
+        self.stats = RunTimes()
         self._timers: dict[Slot, tuple[float, asyncio.Handle]] = {}
         self.accepting = True  # False while draining: nothing new starts
         self._kicked = False
@@ -80,8 +67,9 @@ class Scheduler:
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.pool.cfg = cfg.pool
+        self.pool.cfg = options(cfg)
         self.pool.resize(cfg.pool.size)
+        self.pool.renew()  # every job that starts from now on imports its code afresh
         self.kick()
 
     # -- dispatch
@@ -100,7 +88,7 @@ class Scheduler:
             return
         # jobs queued in the store and not yet handed to a worker (sizes batches only)
         waiting = self.store.queued - (len(self.dispatched) - len(self.running))
-        queue = self.store.next_queued(_MAX_BATCH * len(free), set(self.dispatched))
+        queue = self.store.next_queued(MAX_BATCH * len(free), set(self.dispatched))
         pos = 0
         for slot in free:
             if pos >= len(queue):
@@ -116,41 +104,50 @@ class Scheduler:
             for c in batch:
                 self.dispatched[c.id] = (slot, batch)
             waiting -= len(batch)
-            self.pool.submit(slot, batch, self.cfg.jobs.max_result_bytes)
+            self.pool.submit(slot, batch, [JsonJob(c.id, c.fn, c.args, c.kwargs, c.seq, c.attempts)
+                                           for c in batch], self.cfg.jobs.max_result_bytes)
 
     def _can_take(self, s: Slot) -> bool:
         """An idle slot takes a batch; a busy one takes a second when the batch it runs is of
         short jobs (it ends in milliseconds), so the worker never waits for the daemon."""
-        if s.retiring or s.killed or s.dying or s.executor is None:
+        if not s.taking():
             return False
         if s.state == "idle" and not s.batches:
             return True
         return (s.state == "busy" and len(s.batches) == 1
-                and self.stats.batch_size(s.batches[0][-1].fn) > 1)
+                and self.stats.short(s.batches[0][-1].fn))
 
     # -- worker reports
-    def _on_events(self, slot: Slot, msgs: list[tuple[Any, ...]]) -> None:
+    # the slots' Owner
+    def slot_ready(self, slot: Slot) -> None:
+        self.kick()
+
+    def slot_failed(self, slot: Slot, exc: BaseException) -> None:
+        pass  # logged by the slots, which try again; /health says when none is alive
+
+    def slot_replaced(self, why: str) -> None:
+        self.metrics.worker_restarts.labels(why).inc()
+
+    def slot_events(self, slot: Slot, msgs: list[Event]) -> None:
         claimed = {c.id: c for b in slot.batches for c in b}
         finished: list[str] = []
         for msg in msgs:
-            kind, jid = msg[0], msg[1]
-            if kind == "start":
-                c = claimed.get(jid)
-                if c is not None:
-                    self._started(slot, c, msg[2])
-            elif kind == "progress":
-                r = self.running.get(jid)
-                if r is not None:
-                    cur, total, message = msg[2]
-                    r.progress = {"current": cur, "total": total, "message": message}
-            elif kind == "done":
-                r = self.running.get(jid)
+            if type(msg) is Done:
+                r = self.running.get(msg.id)
                 if r is not None and r.slot is slot:
-                    del self.running[jid]
-                    self._done(r, msg[2], msg[3], msg[4])
-                    finished.append(jid)
-                if msg[5] is not None and (c := claimed.get(msg[5])) is not None:
-                    self._started(slot, c, msg[6])
+                    del self.running[msg.id]
+                    self._done(r, msg.outcome, msg.payload, msg.seconds)
+                    finished.append(msg.id)
+                if msg.next_id is not None and (c := claimed.get(msg.next_id)) is not None:
+                    self._started(slot, c, msg.next_t)
+            elif type(msg) is Started:
+                c = claimed.get(msg.id)
+                if c is not None:
+                    self._started(slot, c, msg.t)
+            elif type(msg) is Progress:
+                r = self.running.get(msg.id)
+                if r is not None:
+                    r.progress = {"current": msg.current, "total": msg.total, "message": msg.message}
         for r in self.running.values():
             if r.slot is slot and not r.written:
                 self._write_start(r)
@@ -209,7 +206,7 @@ class Scheduler:
         r.slot.tasks_done += 1
         self.stats.update(c.fn, seconds)
         self.metrics.duration.observe(seconds)
-        if kind == "ok":
+        if kind == OK:
             self._final(r, "succeeded", result_json=payload)
         else:
             self._failed(r, "failed", payload)
@@ -231,7 +228,7 @@ class Scheduler:
         else:
             self._final(r, state, error=error)
 
-    def _on_batch_end(self, slot: Slot, batch: list[Claimed], exc: BaseException | None) -> None:
+    def batch_ended(self, slot: Slot, batch: list[Claimed], exc: BaseException | None) -> None:
         for c in batch:
             # never started (or ended) here: back to the queue as it is — unless it was already
             # handed to another slot (a retry), which owns it now
@@ -283,7 +280,7 @@ class Scheduler:
         if r is not None:
             if queued_only:
                 return "already_started"
-            self.store.cancel(jid)
+            self.store.cancel(jid, r.progress)
             r.slot.kill_reason[jid] = "cancel"
             self._kill_job(r, "cancel")
         else:
@@ -339,19 +336,4 @@ class Scheduler:
                 "draining": not self.accepting}
 
     def workers(self) -> list[dict[str, Any]]:
-        import psutil
-
-        from service.store.sqlite.jobjson import iso
-
-        out = []
-        for s in sorted(self.pool.slots.values(), key=lambda s: s.n):
-            rss = 0
-            if s.pid is not None:
-                try:
-                    rss = psutil.Process(s.pid).memory_info().rss
-                except psutil.Error:
-                    pass
-            out.append({"pid": s.pid, "name": s.name, "state": s.state, "job": s.current,
-                        "rss_bytes": rss, "tasks_done": s.tasks_done,
-                        "started_at": iso(s.started_at or time.time())})
-        return out
+        return self.pool.workers()

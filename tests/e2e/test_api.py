@@ -242,7 +242,8 @@ def test_list_newest_first_with_state_and_limit(daemon):
     assert [j["id"] for j in daemon.jobs("limit=2")] == newest_first[:2]
     assert [j["id"] for j in daemon.jobs("limit=1&state=succeeded")] == [ids[-1]]
     # default limit: 100
-    r = daemon.post("/v1/jobs/batch", {"jobs": [{"fn": "tests.support.jobs:noop", "args": [i]} for i in range(101)]})
+    r = daemon.post("/v1/jobs/batch",
+                    {"jobs": [{"fn": "tests.support.jobs:noop", "args": [i]} for i in range(101)]})
     assert r.status == 202, r
     assert len(daemon.jobs("")) == 100
     assert len(daemon.jobs("limit=1000")) == 106
@@ -382,8 +383,8 @@ def test_idempotency_key(api):
     assert r2.status == 200 and r2.json["id"] == r1.json["id"], r2
     assert r2.headers["Content-Type"].startswith("application/json")
     # "whatever the rest of the body"
-    r3 = api.post("/v1/jobs", {"fn": "tests.support.jobs:echo", "args": ["other"], "priority": 9, "retries": 4,
-                               "timeout": 5, "key": key})
+    r3 = api.post("/v1/jobs", {"fn": "tests.support.jobs:echo", "args": ["other"], "priority": 9,
+                               "retries": 4, "timeout": 5, "key": key})
     assert r3.status == 200 and r3.json["id"] == r1.json["id"], r3
     assert (r3.json["fn"], r3.json["args"], r3.json["priority"]) == ("tests.support.jobs:add", [1, 2], 0), r3
     for rest in ({"fn": "os:system", "args": ["true"]}, {"fn": "tests.support.jobs:add", "priority": 99999},
@@ -476,7 +477,8 @@ BAD_SPECS = [
     ("no_such_function", 3, {"fn": "tests.support.jobs:no_such_function"}, 422, "function_not_found"),
     ("no_such_module", 1, {"fn": "tests.no_such_module:f"}, 422, "function_not_found"),
     ("no_fn", 2, {"args": [1]}, 422, "invalid_request"),
-    ("bad_timeout", 5, {"fn": "tests.support.jobs:add", "args": [1, 2], "timeout": -1}, 422, "invalid_request"),
+    ("bad_timeout", 5, {"fn": "tests.support.jobs:add", "args": [1, 2], "timeout": -1}, 422,
+     "invalid_request"),
     ("bad_priority", 6, {"fn": "tests.support.jobs:add", "priority": 5000}, 422, "invalid_request"),
     ("bad_args", 4, {"fn": "tests.support.jobs:add", "args": {"a": 1}}, 422, "invalid_request"),
     ("not_an_object", 4, 17, 422, "invalid_request"),
@@ -552,7 +554,8 @@ def test_payload_too_large(daemon_factory):
     n = count(d)
     expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:echo", "args": ["x" * 10000]}), 413,
                  "payload_too_large")
-    expect_error(d.post("/v1/jobs/batch", {"jobs": [{"fn": "tests.support.jobs:noop", "args": ["y" * 500]}] * 20}),
+    expect_error(d.post("/v1/jobs/batch",
+                        {"jobs": [{"fn": "tests.support.jobs:noop", "args": ["y" * 500]}] * 20}),
                  413, "payload_too_large")
     assert count(d) == n
     assert d.run("tests.support.jobs:echo", "y" * 3000)["state"] == "succeeded"
@@ -577,8 +580,8 @@ def test_default_and_max_timeout_come_from_the_config(daemon_factory):
     j = d.wait_done(j["id"], 20)
     assert j["state"] == "timed_out" and j["error"]["type"] == "timeout", j
     assert d.submit("tests.support.jobs:add", 1, 1, timeout=5)["timeout"] == 5
-    err = expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:add", "args": [1, 1], "timeout": 5.01}), 422,
-                       "invalid_request")
+    err = expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:add", "args": [1, 1], "timeout": 5.01}),
+                       422, "invalid_request")
     assert "timeout" in err["message"], err
 
 
@@ -704,7 +707,8 @@ def test_invalid_json(api, path, raw):
     expect_error(api.post(path, raw=raw), 400, "invalid_json")
 
 
-@pytest.mark.parametrize("raw", [b"[]", b"null", b"42", b'"tests.support.jobs:add"', b'[{"fn": "tests.support.jobs:add"}]'])
+@pytest.mark.parametrize("raw", [b"[]", b"null", b"42", b'"tests.support.jobs:add"',
+                                 b'[{"fn": "tests.support.jobs:add"}]'])
 def test_json_that_is_not_an_object(api, raw):
     expect_error(api.post("/v1/jobs", raw=raw), 422, "invalid_request")
 
@@ -794,7 +798,8 @@ def test_boundary_values_are_accepted(api, extra):
     "os:system", "subprocess:run", "builtins:eval", "tests.support.daemon:free_port", "tests.jobsx:add",
     "tests:jobs", "service.cli.main:main", "service.demo.sub:fib", "no_such_module_zz:f",
     # wildcards admit the module's own public functions only
-    "tests.support.jobs:os.system", "tests.support.jobs:subprocess", "tests.support.jobs:progress", "tests.support.jobs:_write_pid",
+    "tests.support.jobs:os.system", "tests.support.jobs:subprocess", "tests.support.jobs:progress",
+    "tests.support.jobs:_write_pid",
 ])
 def test_function_not_allowed(api, tmp_path, fn):
     n = count(api)
@@ -808,7 +813,8 @@ def test_function_not_allowed(api, tmp_path, fn):
 def test_allow_list_with_exact_names(daemon_factory):
     d = daemon_factory(cfg={"jobs": {"allow": ["tests.support.jobs:add", "service.demo:*"]}}).start()
     assert d.run("tests.support.jobs:add", 2, 3)["result"] == 5
-    expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:echo", "args": [1]}), 403, "function_not_allowed")
+    expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:echo", "args": [1]}), 403,
+                 "function_not_allowed")
     assert d.run("service.demo:fib", 10)["result"] == 55
 
 
@@ -1098,3 +1104,36 @@ def test_jobs_run_with_the_daemons_environment(api):
     from tests.support.daemon import SWEEP_VAR
 
     assert api.run("tests.support.jobs:env", SWEEP_VAR)["result"] == api.tag
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/jobs?fn=x"), ("GET", "/v1/jobs?bogus=1"), ("GET", "/v1/jobs?state=queued&stat=failed"),
+    ("GET", "/v1/jobs/nope?wait=0&later=1"), ("DELETE", "/v1/jobs/nope?force=1"),
+    ("GET", "/v1/workers?x=1"), ("GET", "/health?verbose=1"), ("POST", "/v1/jobs?dry_run=1"),
+])
+def test_an_unknown_query_parameter_is_named(api, method, path):
+    name = path.rsplit("&", 1)[-1].split("?")[-1].split("=")[0]
+    r = api.request(method, path, {"fn": "tests.support.jobs:noop"} if method == "POST" else None)
+    err = expect_error(r, 422, "invalid_request")
+    assert name in err["message"], err
+
+
+def test_wait_for_many_names_an_unknown_id_and_takes_1_to_1000(api):
+    jid = api.submit("tests.support.jobs:noop")["id"]
+    err = expect_error(api.post("/v1/jobs/wait", {"ids": [jid, "no-such-job"], "timeout": 1}), 404,
+                       "not_found")
+    assert "no-such-job" in err["message"], err
+    for ids in ([], [jid] * 1001):
+        err = expect_error(api.post("/v1/jobs/wait", {"ids": ids}), 422, "invalid_request")
+        assert "ids" in err["message"], err
+    err = expect_error(api.post("/v1/jobs/wait", {"ids": [jid], "tiemout": 1}), 422, "invalid_request")
+    assert "tiemout" in err["message"], err
+    assert api.post("/v1/jobs/wait", {"ids": [jid] * 1000, "timeout": 10}).json["jobs"][0]["id"] == jid
+
+
+def test_a_cancelled_job_keeps_its_last_progress(api):
+    jid = api.submit("tests.support.jobs:report", 1000, 0.05)["id"]
+    assert wait_for(lambda: (api.job(jid)["progress"] or {}).get("current", 0) >= 2, 20), api.job(jid)
+    assert api.request("DELETE", f"/v1/jobs/{jid}").status == 200
+    job = api.wait_done(jid, 20)
+    assert job["state"] == "cancelled" and job["progress"]["current"] >= 2, job

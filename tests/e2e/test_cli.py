@@ -199,8 +199,8 @@ def poold(capsys: pytest.CaptureFixture[str], d: Any, *argv: str) -> tuple[int, 
 def test_submit(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # piped, --wait prints only the result, as JSON
     assert poold(capsys, daemon, "submit", "tests.support.jobs:add", "2", "3", "--wait") == (0, "5\n", "")
-    rc, out, _ = poold(capsys, daemon, "submit", "tests.support.jobs:echo", "1", "x", '{"a": [1]}', "null", "-2",
-                       "--kwargs", '{"k": 2}', "--wait")
+    rc, out, _ = poold(capsys, daemon, "submit", "tests.support.jobs:echo", "1", "x", '{"a": [1]}', "null",
+                       "-2", "--kwargs", '{"k": 2}', "--wait")
     assert rc == 0 and json.loads(out) == {"args": [1, "x", {"a": [1]}, None, -2], "kwargs": {"k": 2}}
     # --wait --json: the finished Job
     rc, out, _ = poold(capsys, daemon, "submit", "service.demo:fib", "10", "--wait", "--json")
@@ -209,8 +209,8 @@ def test_submit(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # without --wait: the id, or the Job with every spec flag in it
     rc, out, _ = poold(capsys, daemon, "submit", "tests.support.jobs:sleep", "0.1")
     assert rc == 0 and daemon.job(out.strip())["fn"] == "tests.support.jobs:sleep"
-    rc, out, _ = poold(capsys, daemon, "submit", "tests.support.jobs:sleep", "0.1", "--priority", "7", "--retries",
-                       "2", "--timeout", "9", "--key", "cli-key", "--json")
+    rc, out, _ = poold(capsys, daemon, "submit", "tests.support.jobs:sleep", "0.1", "--priority", "7",
+                       "--retries", "2", "--timeout", "9", "--key", "cli-key", "--json")
     job = json.loads(out)
     assert rc == 0 and (job["args"], job["priority"], job["retries"], job["timeout"], job["key"]) \
         == ([0.1], 7, 2, 9, "cli-key")
@@ -225,7 +225,8 @@ def test_submit_failures(daemon: Any, capsys: pytest.CaptureFixture[str]) -> Non
     assert "failed" in err and "ValueError" in err and "boom from tests" in err
     rc, out, err = poold(capsys, daemon, "submit", "tests.support.jobs:boom", "--wait", "--json")
     assert rc == 1 and json.loads(out)["error"]["exception"] == "ValueError"
-    rc, out, err = poold(capsys, daemon, "submit", "tests.support.jobs:sleep", "10", "--timeout", "0.5", "--wait")
+    rc, out, err = poold(capsys, daemon, "submit", "tests.support.jobs:sleep", "10", "--timeout", "0.5",
+                         "--wait")
     assert rc == 1 and out == "" and "timed_out" in err
     # refused by the daemon: 2, with the error code
     for argv, code in [(["os:system", "true"], "function_not_allowed"),
@@ -367,5 +368,6 @@ def test_progress_bar_on_a_terminal(daemon: Any) -> None:
     assert rc == 0 and any(m in shown for m in MARKS), shown
     assert shown.rstrip().splitlines()[-1].strip() == "5", shown
     # a job that fails: the bar ends and the error follows, exit 1
-    rc, shown = run_in_terminal([*poold_cmd, "submit", "tests.support.jobs:boom", "--wait", "--url", daemon.url])
+    rc, shown = run_in_terminal([*poold_cmd, "submit", "tests.support.jobs:boom", "--wait",
+                                 "--url", daemon.url])
     assert rc == 1 and "boom from tests" in shown and "Traceback (most recent call last)" in shown, shown

@@ -214,7 +214,8 @@ def test_wait_parameter_stays_in_range(seconds: float, text: str) -> None:
 def test_submit_wait_get(client: Any) -> None:
     job = client.submit(jobs.echo, 1, "a", kwargs={"k": [1, 2]}, timeout=10, priority=5, retries=1)
     assert job["state"] in ("queued", "running", "succeeded")
-    assert (job["fn"], job["priority"], job["timeout"], job["retries"]) == ("tests.support.jobs:echo", 5, 10, 1)
+    assert (job["fn"], job["priority"], job["timeout"], job["retries"]) == \
+        ("tests.support.jobs:echo", 5, 10, 1)
     done = client.wait(job["id"])
     assert done["state"] == "succeeded"
     assert done["result"] == {"args": [1, "a"], "kwargs": {"k": [1, 2]}}
@@ -237,7 +238,8 @@ def test_key_reuses_the_job(client: Any) -> None:
 def test_submit_many_is_one_ordered_batch(client: Any) -> None:
     batch = client.submit_many([(jobs.add, (1, 2), {}), ("tests.support.jobs:noop", (), {"x": "k"}),
                                 (jobs.echo, [3])], priority=2)
-    assert [j["fn"] for j in batch] == ["tests.support.jobs:add", "tests.support.jobs:noop", "tests.support.jobs:echo"]
+    assert [j["fn"] for j in batch] == ["tests.support.jobs:add", "tests.support.jobs:noop",
+                                        "tests.support.jobs:echo"]
     assert {j["priority"] for j in batch} == {2}
     results = [client.wait(j["id"], raise_on_failure=True)["result"] for j in batch]
     assert results == [3, "k", {"args": [3], "kwargs": {}}]

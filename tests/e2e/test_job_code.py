@@ -152,3 +152,16 @@ def test_the_first_health_answer_after_start_is_200(daemon_factory: Any) -> None
             return None
 
     assert wait_for(answer, 30, 0.005) == 200
+
+
+def test_a_function_gone_by_the_time_it_runs_fails_function_not_found(daemon_factory: Any,
+                                                                      tmp_path: Path) -> None:
+    d = _code_daemon(daemon_factory, tmp_path, {"jc_gone": "def f():\n    return 1\n"},
+                     pool={"workers": 1}).start()
+    busy = d.submit("tests.support.jobs:sleep", 1.0)
+    d.wait_state(busy["id"], "running")
+    job = d.submit("jc_gone:f")  # found by the probe; the worker has not imported it yet
+    (d.notes["code"] / "jc_gone.py").unlink()
+    done = d.wait_done(job["id"], 30)
+    assert done["state"] == "failed" and done["error"]["type"] == "function_not_found", done
+    assert "jc_gone" in done["error"]["message"], done

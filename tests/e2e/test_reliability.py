@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.crashloop import report, run
+from tests.support.crashloop import report, run
 from tests.support.daemon import Daemon
 
 CFG: dict[str, dict[str, Any]] = {

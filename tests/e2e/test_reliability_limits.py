@@ -43,7 +43,8 @@ def extras(d: Daemon) -> list[psutil.Process]:
         if pid == d.proc.pid or pid in workers:
             continue
         args = proc_args(pid)
-        if not args or "multiprocessing.forkserver" in args or "resource_tracker" in args:
+        if not args or "multiprocessing.forkserver" in args or "resource_tracker" in args \
+                or args.startswith("poold: probe"):
             continue
         with contextlib.suppress(psutil.Error):
             if p.status() != psutil.STATUS_ZOMBIE:
@@ -64,7 +65,8 @@ def assert_pool_serves(d: Daemon, n: int = 8) -> None:
     assert d.running(), d.logtext()
     h = d.get("/health")
     assert h.status == 200, h
-    r = d.post("/v1/jobs/batch", {"jobs": [{"fn": "tests.support.jobs:add", "args": [i, 1]} for i in range(n)]})
+    r = d.post("/v1/jobs/batch",
+               {"jobs": [{"fn": "tests.support.jobs:add", "args": [i, 1]} for i in range(n)]})
     assert r.status == 202, r
     for i, job in enumerate(r.json["jobs"]):
         done = d.wait_done(job["id"], 60)

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from bench.fuzz import send
 from tests.support.daemon import Daemon, expect_error
+from tests.support.fuzzing import send
 
 # fn -> the contract's answer: 403 when the name is well formed but not admitted by the allow
-# list ["service.demo:*", "tests.support.jobs:*", "tests.support.jobs:add"], 422 invalid_request when it is not
-# a `module:name` at all
+# list ["service.demo:*", "tests.support.jobs:*", "tests.support.jobs:add"], 422 invalid_request when it
+# is not a `module:name` at all
 REFUSED: list[tuple[str, int, str]] = [
     ("os:system", 403, "function_not_allowed"),
     ("os:__builtins__", 403, "function_not_allowed"),
@@ -113,7 +113,8 @@ def test_nothing_outside_the_allow_list_runs(
     cmd = f"touch {canary}"
     for path, body in (
         ("/v1/jobs", {"fn": fn, "args": [cmd]}),
-        ("/v1/jobs/batch", {"jobs": [{"fn": "tests.support.jobs:add", "args": [1, 2]}, {"fn": fn, "args": [cmd]}]}),
+        ("/v1/jobs/batch",
+         {"jobs": [{"fn": "tests.support.jobs:add", "args": [1, 2]}, {"fn": fn, "args": [cmd]}]}),
     ):
         r = guarded.post(path, body)
         err = expect_error(r, status, code)
@@ -142,7 +143,8 @@ def test_no_function_from_kwargs_or_module_tricks(guarded: Daemon, tmp_path: Pat
             job = guarded.wait_done(r.json["id"])
             assert job["state"] in ("succeeded", "failed"), job
     r = guarded.post(
-        "/v1/jobs", {"fn": "tests.support.jobs:echo", "args": [{"__reduce__": f"os.system('touch {canary}')"}]}
+        "/v1/jobs",
+        {"fn": "tests.support.jobs:echo", "args": [{"__reduce__": f"os.system('touch {canary}')"}]},
     )
     assert r.status == 202, r
     guarded.wait_done(r.json["id"])

@@ -157,8 +157,10 @@ def run_fault(d: Daemon, inject: Callable[[], None], clear: Callable[[], None], 
     """Load, fault, refusals, recovery, restart; see the module docstring."""
     book = Book(d)
     assert book.submit("tests.support.jobs:add", 1, 2).status == 202
-    running = [book.submit("tests.support.jobs:sleep", 2.5).json["id"] for _ in range(2)]  # busy through the fault
-    queued = [book.submit("tests.support.jobs:add", i, 100).json["id"] for i in range(5)]  # start and end in it
+    # busy through the fault
+    running = [book.submit("tests.support.jobs:sleep", 2.5).json["id"] for _ in range(2)]
+    # start and end in it
+    queued = [book.submit("tests.support.jobs:add", i, 100).json["id"] for i in range(5)]
     d.wait_state(running[0], "running")
     inject()
     if refuses:
@@ -251,7 +253,8 @@ def test_start_on_a_broken_store(mounts: Mounts, daemon_factory: Any, tmp_path: 
     if not d.running():
         rc = d.wait_exit(5)
         log = d.logtext()
-        assert rc == 1, (rc, log)
+        # 2: refused by the configuration check (store.path cannot be written), 1: at opening
+        assert rc in (1, 2), (rc, log)
         assert "Traceback" not in log, log
         assert str(sdir / "poold.db") in log, log
         return

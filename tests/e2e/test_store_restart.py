@@ -82,7 +82,8 @@ def test_restart_keeps_every_accepted_job(daemon_factory, tmp_path, sig):
     keyed = d.run("tests.support.jobs:noop", "kept", key="kept-key")
     # both workers busy: one job without retries, one with a retry left
     no_retry = d.submit("tests.support.jobs:forever", timeout=120)["id"]
-    with_retry = d.submit("tests.support.jobs:hang_once", str(tmp_path / "marker"), retries=1, timeout=120)["id"]
+    with_retry = d.submit("tests.support.jobs:hang_once", str(tmp_path / "marker"), retries=1,
+                          timeout=120)["id"]
     d.wait_state(no_retry, "running")
     d.wait_state(with_retry, "running")
     queued = [d.submit("tests.support.jobs:add", i, 100, priority=i)["id"] for i in range(3)]
@@ -114,7 +115,8 @@ def test_a_burst_of_accepted_jobs_survives_sigkill(daemon_factory):
     d = daemon_factory(cfg={"pool": {"workers": 1}, **FAST}).start()
     block = d.submit("tests.support.jobs:forever", timeout=120, retries=1)["id"]
     d.wait_state(block, "running")
-    r = d.post("/v1/jobs/batch", {"jobs": [{"fn": "tests.support.jobs:add", "args": [i, 1]} for i in range(30)]})
+    r = d.post("/v1/jobs/batch",
+               {"jobs": [{"fn": "tests.support.jobs:add", "args": [i, 1]} for i in range(30)]})
     assert r.status == 202, r
     ids = [j["id"] for j in r.json["jobs"]]
     ids += [d.submit("tests.support.jobs:add", i, 1)["id"] for i in range(30, 40)]
@@ -288,7 +290,8 @@ def test_sighup_reloads_without_losing_or_failing_a_job(daemon_factory):
     assert wait_for(lambda: len(d.live_workers()) == 2, 15), d.workers()
     assert wait_for(lambda: d.post("/v1/jobs", {"fn": "tests.support.jobs:noop"}).status == 403, 10)
     assert d.running() and d.proc.pid == pid
-    expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:add", "args": [1, 1]}), 403, "function_not_allowed")
+    expect_error(d.post("/v1/jobs", {"fn": "tests.support.jobs:add", "args": [1, 1]}), 403,
+                 "function_not_allowed")
     big = {"fn": "service.demo:fib", "args": ["x" * 4000]}
     expect_error(d.post("/v1/jobs", big), 413, "payload_too_large")
     j = d.wait_done(running)

@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 import pytest
 
-from bench.supervision import ended, when_ended
 from tests.support.daemon import Daemon, gone, proc_args, read_pid, ts, wait_for
+from tests.support.supervision import ended, when_ended
 
 # the contract's defaults: a timed-out job is SIGKILLed at once, whatever the orphan sweep's pace
 DEFAULT_SUPERVISOR = {"supervisor": {"interval": 1.0, "kill_grace": 3.0, "shutdown_grace": 5.0}}
@@ -171,10 +171,12 @@ def test_timeout_kills_the_job_and_every_process_it_started(daemon_factory, tmp_
 
 
 @pytest.mark.parametrize(("fn", "args", "kill_from_outside", "named"), [
-    pytest.param("tests.support.jobs:spawn_and_hang", ["{pidfile}"], True, r"SIGKILL", id="sigkill-from-outside"),
+    pytest.param("tests.support.jobs:spawn_and_hang", ["{pidfile}"], True, r"SIGKILL",
+                 id="sigkill-from-outside"),
     pytest.param("tests.support.jobs:hard_exit", [3], False, r"code 3\b", id="os-exit-3"),
     pytest.param("tests.support.jobs:segfault", [], False, r"SIGSEGV", id="segfault"),
-    pytest.param("tests.support.jobs:big_mem_and_hang", [300], True, r"SIGKILL", id="big-memory-then-sigkill"),
+    pytest.param("tests.support.jobs:big_mem_and_hang", [300], True, r"SIGKILL",
+                 id="big-memory-then-sigkill"),
 ])
 def test_a_crash_fails_only_its_own_job(daemon, tmp_path, fn, args, kill_from_outside, named):
     pidfile = tmp_path / "child.pid"
@@ -212,7 +214,8 @@ def test_a_crash_fails_only_its_own_job(daemon, tmp_path, fn, args, kill_from_ou
 def test_the_exit_status_is_named_every_time(daemon):
     # many deaths in a row, each with its own status: the one reported must be the worker's own
     codes = range(3, 123)
-    r = daemon.post("/v1/jobs/batch", {"jobs": [{"fn": "tests.support.jobs:hard_exit", "args": [c]} for c in codes]})
+    r = daemon.post("/v1/jobs/batch",
+                    {"jobs": [{"fn": "tests.support.jobs:hard_exit", "args": [c]} for c in codes]})
     assert r.status == 202, r
     wrong = []
     for code, job in zip(codes, r.json["jobs"], strict=True):
@@ -276,7 +279,8 @@ def test_a_retried_job_runs_one_attempt_at_a_time(daemon, tmp_path):
     # two workers: the retry may go to the other one while the first still ends its batch
     for i in range(8):
         counter = tmp_path / f"counter{i}"
-        j = daemon.run("tests.support.jobs:attempt_script", str(counter), ["raise", "ok"], retries=1, wait_timeout=30)
+        j = daemon.run("tests.support.jobs:attempt_script", str(counter), ["raise", "ok"], retries=1,
+                       wait_timeout=30)
         runs = int(counter.read_text())
         assert (j["state"], j["attempts"], j["result"], runs) == ("succeeded", 2, 2, 2), \
             f"job {i}: the function ran {runs} times for {j['attempts']} attempts: {j}"
@@ -315,7 +319,8 @@ def test_a_cancelled_job_is_never_retried(daemon, tmp_path, steps, cancel_at):
 
 @pytest.mark.parametrize("how", ["one-by-one", "in-a-batch"])
 def test_max_tasks_per_worker_recycles_without_failing_a_job(daemon_factory, how):
-    # preloaded: a fresh worker's first job does not import tests.support.jobs, so the function is known as fast
+    # preloaded: a fresh worker's first job does not import tests.support.jobs, so the function is known
+    # as fast
     d = daemon_factory(cfg={"pool": {"workers": 1, "max_tasks_per_worker": 2,
                                      "preload": ["tests.support.jobs"]}}).start()
     first = [d.run("tests.support.jobs:pid") for _ in range(5)]

@@ -140,7 +140,7 @@ def test_empty_file_is_the_defaults(tmp_path):
     # not TOML: the plain string
     ("POOLD_LOG_LEVEL", "debug", "log.level", "debug"),
     ("POOLD_POOL_START_METHOD", "spawn", "pool.start_method", "spawn"),
-    ("POOLD_STORE_PATH", "/var/lib/poold/jobs.db", "store.path", "/var/lib/poold/jobs.db"),
+    ("POOLD_STORE_PATH", "/tmp/poold-jobs.db", "store.path", "/tmp/poold-jobs.db"),
     ("POOLD_SERVER_HOST", "localhost", "server.host", "localhost"),
     ("POOLD_SERVER_TOKEN", "s3cret-token", "server.token", "s3cret-token"),
     # a TOML string
@@ -401,3 +401,14 @@ def test_config_is_frozen():
     cfg = load(None, env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.pool.workers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("where", "reason"), [
+    ("missing/poold.db", "does not exist"),
+    ("adir", "is a directory"),
+])
+def test_a_store_path_that_cannot_be_made_is_named(tmp_path: Path, where: str, reason: str) -> None:
+    (tmp_path / "adir").mkdir()
+    path = tmp_path / where
+    err = load_error(write(tmp_path, f'[store]\npath = "{path}"\n'), env={})
+    assert err.key == "store.path" and reason in err.message, err

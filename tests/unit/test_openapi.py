@@ -21,13 +21,14 @@ CONTRACT_OPERATIONS = {
     ("post", "/v1/jobs"), ("post", "/v1/jobs/batch"), ("get", "/v1/jobs/{id}"),
     ("delete", "/v1/jobs/{id}"), ("get", "/v1/jobs"), ("get", "/v1/workers"), ("get", "/health"),
     ("get", "/metrics"), ("get", "/openapi.json"),
+    ("post", "/v1/jobs/wait"),  # the second part, "What changes in the first part"
 }
 # CONTRACT.md, "HTTP API": the error table, status -> codes
 CONTRACT_ERRORS = {
     "400": {"invalid_json"}, "422": {"invalid_request", "function_not_found"}, "401": {"unauthorized"},
     "403": {"function_not_allowed"}, "404": {"not_found"}, "405": {"method_not_allowed"},
     "409": {"already_finished", "already_started"}, "413": {"payload_too_large"}, "429": {"queue_full"},
-    "503": {"draining"},
+    "503": {"draining", "store_unavailable"}, "417": {"expectation_failed"},
 }
 STATES = {"queued", "running", "succeeded", "failed", "timed_out", "cancelled"}
 # CONTRACT.md: the Job example, verbatim
@@ -194,7 +195,8 @@ def test_job_schema_matches_contract(doc: dict[str, Any]) -> None:
     assert set(job["required"]) == set(CONTRACT_JOB)
     assert set(job["properties"]["state"]["enum"]) == STATES
     assert set(job["properties"]["error"]["properties"]["type"]["enum"]) == {
-        "exception", "timeout", "worker_died", "unserializable_result", "result_too_large", "interrupted"}
+        "exception", "timeout", "worker_died", "unserializable_result", "result_too_large", "interrupted",
+        "function_not_found"}  # the second part: a job whose module is gone when it runs
     validator = _schema(doc, "Job")
     validator.validate(CONTRACT_JOB)
     finished = CONTRACT_JOB | {

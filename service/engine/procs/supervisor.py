@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import psutil
 
@@ -85,7 +86,21 @@ def end(procs: list[psutil.Process], grace: float) -> None:
             except psutil.Error:
                 pass
         procs = alive
-    psutil.wait_procs(procs, timeout=1.0)  # reaps those that are our own children
+    wait_gone(procs, 1.0)
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Waits until each process is dead (reaped if it is our child; a zombie another process
+    must reap counts as dead: it runs nothing). Returns those still alive after `timeout`."""
+    end = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        _, procs = psutil.wait_procs(procs, timeout=0)  # reaps those that are our own children
+        procs = [p for p in procs if alive(p)]
+        if not procs or time.monotonic() >= end:
+            return procs
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def reap_children(skip: set[int] | None = None) -> None:

@@ -4,20 +4,9 @@ kept as JSON text): the hot path never decodes and encodes a job again."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def iso(t: float | None) -> str | None:
-    """2026-11-24T12:00:00.000000Z (UTC, microseconds)."""
-    if t is None:
-        return None
-    sec = int(t)
-    if sec != _second[0]:
-        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"
+from service.model import iso
 
 
 def _t(t: float | None) -> str:

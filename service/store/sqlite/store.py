@@ -269,14 +269,15 @@ class Store:
         self.queued += self._keep("UPDATE jobs SET state = 'queued', error = ? WHERE seq = ?"
                                   " AND state = 'running'", (json.dumps(error), seq))
 
-    def cancel(self, jid: str) -> str | None:
-        """queued or running → cancelled; returns the state it left (None if not found or final)."""
+    def cancel(self, jid: str, progress: dict[str, Any] | None = None) -> str | None:
+        """queued or running → cancelled; returns the state it left (None if not found or final).
+        `progress`: a running job's last report, which lives in memory until its end."""
         self._flush()
         row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         if row is None or row[0] not in ("queued", "running"):
             return None
-        self._keep("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ? AND state IN"
-                   " ('queued', 'running')", (time.time(), jid))
+        self._keep("UPDATE jobs SET state = 'cancelled', finished_at = ?, progress = COALESCE(?, progress)"
+                   " WHERE id = ? AND state IN ('queued', 'running')", (time.time(), _dumps(progress), jid))
         if row[0] == "queued":
             self.queued -= 1
         return str(row[0])
