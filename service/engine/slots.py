@@ -14,11 +14,9 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 
@@ -26,74 +24,11 @@ from service.engine import exitstatus, ledger, protocol, worker
 from service.engine.frames import FrameReader
 from service.engine.options import PoolOptions
 from service.engine.procs import supervisor
-from service.engine.protocol import Event, Job, WorkerSetup
+from service.engine.protocol import Job, WorkerSetup
+from service.engine.slot import Owner, Slot
 from service.model import iso
 
 log = logging.getLogger("poold.pool")
-
-STARTING_GRACE = 10.0  # seconds a worker being started or replaced counts as alive (/health)
-
-
-class Item(Protocol):
-    """What an owner hands to a slot in a batch (a claimed job, a call): it has an id."""
-
-    @property
-    def id(self) -> str: ...
-
-
-class Owner(Protocol):
-    """Who the slots report to."""
-
-    def slot_events(self, slot: Slot, msgs: list[Event]) -> None: ...
-    def batch_ended(self, slot: Slot, batch: list[Any], exc: BaseException | None) -> None: ...
-    def slot_ready(self, slot: Slot) -> None: ...
-    def slot_failed(self, slot: Slot, exc: BaseException) -> None: ...
-    def slot_replaced(self, why: str) -> None: ...
-
-
-@dataclass(eq=False)
-class Slot:
-    """One worker process and what it is doing."""
-
-    n: int
-    title: str = "poold: worker"  # "<name>: worker N"
-    state: str = "starting"  # starting | idle | busy
-    pid: int | None = None
-    started_at: float = 0.0
-    tasks_done: int = 0
-    executor: ProcessPoolExecutor | None = None
-    process: Any = None  # the multiprocessing.Process behind the executor (for its exit code)
-    events: multiprocessing.connection.Connection | None = None
-    control: multiprocessing.connection.Connection | None = None
-    batches: list[list[Any]] = field(default_factory=list)  # of Items: submitted, not yet ended
-    current: str | None = None  # the job that has started and not ended
-    current_started: float = 0.0
-    kill_reason: dict[str, str] = field(default_factory=dict)  # job id -> "timeout" | "cancel"
-    reader: FrameReader | None = None
-    killed: str = ""  # why the daemon killed it ("timeout", "cancel", …); "" while it lives
-    dying: bool = False  # its death is being handled
-    exit: str = "died"  # how it ended ("was sent SIGKILL", "exited with code 3")
-    oom_kills: int = 0  # the kernel's OOM kill count when this worker started
-    retiring: bool = False  # drop once its batches end (resizing)
-    renewing: bool = False  # replace once its batches end (a reload: fresh imports)
-    launched: float = field(default_factory=time.monotonic)  # this slot's worker was asked for
-    generation: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.title
-
-    def taking(self) -> bool:
-        """Whether it may be given a batch now."""
-        return not (self.retiring or self.renewing or self.killed or self.dying or self.executor is None)
-
-    def coming(self) -> bool:
-        """Starting or being replaced, recently enough to count as alive."""
-        return self.state == "starting" and time.monotonic() - self.launched < STARTING_GRACE
-
-    def pending_ids(self) -> set[str]:
-        return {c.id for b in self.batches for c in b}
-
 
 class Slots:
     """Starts, replaces and kills slots; forwards worker events to their owner."""
@@ -401,12 +336,4 @@ class Slots:
 
     def helper_pids(self) -> set[int]:
         """Processes of multiprocessing itself (forkserver, resource tracker): not orphans."""
-        pids: set[int] = set()
-        from multiprocessing import forkserver, resource_tracker
-
-        for obj, attr in ((getattr(forkserver, "_forkserver", None), "_forkserver_pid"),
-                          (getattr(resource_tracker, "_resource_tracker", None), "_pid")):
-            pid = getattr(obj, attr, None)
-            if isinstance(pid, int):
-                pids.add(pid)
-        return pids | {os.getpid()}
+        return supervisor.multiprocessing_helpers()

@@ -282,3 +282,16 @@ def oom_kills() -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def multiprocessing_helpers() -> set[int]:
+    """Processes of multiprocessing itself (forkserver, resource tracker), and this one."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids: set[int] = set()
+    for obj, attr in ((getattr(forkserver, "_forkserver", None), "_forkserver_pid"),
+                      (getattr(resource_tracker, "_resource_tracker", None), "_pid")):
+        pid = getattr(obj, attr, None)
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids | {os.getpid()}
