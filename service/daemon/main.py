@@ -179,6 +179,7 @@ async def _serve(cfg: Config, early: list[int]) -> int:
         # the sockets first: a port in use is said at once, before any worker is started
         async with _listening(make_app(ctx), cfg) as where:
             scheduler.start()
+            probe.start()
             log.info("poold %s serving on %s with %s (%s), store %s", service.__version__,
                      ", ".join(where), _workers(cfg.pool.size), cfg.pool.start_method, cfg.store.path)
             watch_task = loop.create_task(Watch(ctx).run())
@@ -249,6 +250,7 @@ def _reload(ctx: Context) -> None:
     # what was learned of each function is forgotten: the new workers import the code afresh
     if ctx.allow.probe is not None:
         ctx.allow.probe.replace()
+        ctx.allow.probe.start()
     ctx.cfg, ctx.token, ctx.allow = new, token, Allow(new.jobs.allow, ctx.allow.probe)
     ctx.scheduler.reconfigure(new)
     log.info("configuration reloaded: %s, allow %s", _workers(new.pool.size), ", ".join(new.jobs.allow))

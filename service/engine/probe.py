@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import types
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple
 
@@ -108,13 +108,22 @@ class Probe:
         self._lifeline = lifeline
         self.timeout = timeout
         self._executor: ProcessPoolExecutor | None = None
+        self._started: Future[int] | None = None  # the probe's first call: its pid once it runs
         self._lock = asyncio.Lock()
         self.pid: int | None = None
+
+    def start(self) -> None:
+        """Starts the probe process now, in the background: the first lookup need not wait for
+        it (the daemon's first job after start-up or a reload)."""
+        self._executor_now()
 
     def _executor_now(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(1, mp_context=self._ctx, initializer=_init,
                                                  initargs=(self._title, self._lifeline))
+            self._started = self._executor.submit(_ready)  # starts the process: its pid is known now,
+            procs = getattr(self._executor, "_processes", None) or {}  # so the sweep spares it
+            self.pid = next(iter(procs), None)
         return self._executor
 
     async def find(self, fn: str, wildcard: bool) -> Verdict:
@@ -131,8 +140,9 @@ class Probe:
             return timed_out  # another lookup held the probe all this time
         try:
             executor = self._executor_now()
-            if self.pid is None:
-                self.pid = await asyncio.wait_for(asyncio.wrap_future(executor.submit(_ready)),
+            assert self._started is not None
+            if not self._started.done():
+                self.pid = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._started)),
                                                   max(0.001, deadline - loop.time()))
             asked = asyncio.wrap_future(executor.submit(find, fn, wildcard))
             return await asyncio.wait_for(asked, max(0.001, deadline - loop.time()))
@@ -156,7 +166,7 @@ class Probe:
 
     def replace(self) -> None:
         """Drops the probe (its imports with it); the next lookup starts a fresh one."""
-        executor, self._executor = self._executor, None
+        executor, self._executor, self._started = self._executor, None, None
         pid, self.pid = self.pid, None
         if pid is not None:
             supervisor.kill_tree(pid, grace=0.0)

@@ -292,7 +292,14 @@ else
     nok "at stop systemd had to SIGKILL $sigkill process(es) poold left behind:"
     X journalctl -u poold.service -o cat --no-pager _PID=1 | grep "with signal SIGKILL" | tail -n "$sigkill" | sed 's/^/#   /'
 fi
-# The next connection starts poold again (socket activation); the drained job had finished.
+# The next connection starts poold again (socket activation): a GET /health, answered 200 (its
+# workers, still starting, count as alive); the drained job had finished.
+read -r hst0 _ < <(api GET /health || true)
+if [ "$hst0" = 200 ]; then
+    ok "the first request after socket activation, GET /health, answered 200"
+else
+    nok "the first request after socket activation, GET /health, answered $hst0 (want 200)"
+fi
 read -r st2 state _ < <(api GET "/v1/jobs/$id" state || true)
 for _ in $(seq 50); do  # answering already; READY=1 follows once a worker runs
     [ "$(show poold.service ActiveState)" = active ] && break
