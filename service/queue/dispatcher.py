@@ -223,7 +223,7 @@ class Scheduler:
         if c.attempts + 1 <= c.retries:
             if not r.written:
                 self._write_start(r)
-            self.store.retry(c.seq, error)
+            self.store.retry(c.seq, error, attempts=c.attempts)
             self.metrics.retried.inc()
         else:
             self._final(r, state, error=error)
@@ -321,7 +321,7 @@ class Scheduler:
             if not r.written:
                 self._write_start(r)
             if r.claimed.attempts + 1 <= r.claimed.retries:
-                self.store.retry(r.claimed.seq, err)
+                self.store.retry(r.claimed.seq, err, attempts=r.claimed.attempts)
             else:
                 self.store.finish(r.claimed, "failed", r.started_at, self._worker_info(r.slot), True,
                                   error=err, progress=r.progress)

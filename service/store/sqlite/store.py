@@ -4,8 +4,8 @@ SQLite in WAL mode, one connection used from the event loop's thread. Writes
 run at once inside an open transaction, and the transaction is committed at
 the end of the loop iteration (`call_soon`), so every write made in the same
 iteration shares one commit (group commit). Callers that must not answer
-before the data is durable `await store.committed()`. A later server
-database sits behind these same operations.
+before the data is durable `await store.committed()`. It implements
+service.store.base.JobStore, as every backend does.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from service.model import FINAL_STATES, STATES
+from service.store.base import Claimed, JobStore, NewJob
 from service.store.sqlite.database import Database, StoreError
 from service.store.sqlite.jobjson import job_json
 
@@ -65,34 +66,6 @@ _RECENT = 20000  # finished jobs whose JSON is kept in memory for fast reads
 
 _COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
             "started_at, finished_at, worker, result, error, progress")
-
-
-class NewJob(NamedTuple):
-    """A validated JobSpec, ready to enqueue."""
-
-    fn: str
-    args: str  # JSON text
-    kwargs: str
-    timeout: float
-    priority: int = 0
-    retries: int = 0
-    key: str | None = None
-
-
-class Claimed(NamedTuple):
-    """What a worker needs to run one job."""
-
-    seq: int
-    id: str
-    fn: str
-    args: str  # JSON text, decoded by the worker
-    kwargs: str
-    timeout: float
-    retries: int
-    attempts: int
-    priority: int
-    key: str | None
-    created_at: float
 
 
 def _new_id() -> str:
@@ -223,16 +196,19 @@ class Store:
                progress: dict[str, Any] | None = None) -> None:
         """running (or still queued in the store, when its start is not written) → a final state.
 
-        The writes are gathered and run as one statement per kind just before anything else
-        touches the store; the finished Job's JSON is kept in memory once committed, so fresh
-        results are read without SQL.
+        Only while the job is still this attempt's (the attempt token: it holds c.attempts + 1
+        once started, c.attempts before): an end from an attempt that lost the job (cancelled,
+        retried and started again, recovered) is discarded. The writes are gathered and run as
+        one statement per kind just before anything else touches the store; the finished Job's
+        JSON is kept in memory once committed, so fresh results are read without SQL.
         """
         now = time.time()
         err, prog = _dumps(error), _dumps(progress)
         if start_written:
-            self._finished.append((state, result_json, err, prog, now, c.seq))
+            self._finished.append((state, result_json, err, prog, now, c.seq, c.attempts + 1))
         else:
-            self._finished_started.append((state, result_json, err, prog, now, started_at, worker, c.seq))
+            self._finished_started.append((state, result_json, err, prog, now, started_at, worker, c.seq,
+                                           c.attempts))
         text = job_json((c.seq, c.id, c.fn, c.args, c.kwargs, state, c.priority, c.timeout, c.retries,
                          c.attempts + 1, c.key, c.created_at, started_at, now, worker, result_json, err,
                          prog))
@@ -242,19 +218,26 @@ class Store:
 
     def _flush(self) -> None:
         """Writes the gathered job ends (see finish); their JSON is cached once they commit."""
+        # rows changed against rows asked: a discarded end (or one kept for replay) is not cached
+        changed = asked = 0
         if self._finished_started:
             rows, self._finished_started = self._finished_started, []
-            self.queued -= self._d.write_many(
+            n = self._d.write_many(
                 "UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?, finished_at = ?,"
-                " started_at = ?, worker = ?, attempts = attempts + 1 WHERE seq = ? AND state = 'queued'",
-                rows, keep=True)
+                " started_at = ?, worker = ?, attempts = attempts + 1"
+                " WHERE seq = ? AND state = 'queued' AND attempts = ?", rows, keep=True)
+            self.queued -= n
+            changed, asked = changed + n, asked + len(rows)
         if self._finished:
             rows, self._finished = self._finished, []
-            self._d.write_many("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?,"
-                               " finished_at = ? WHERE seq = ? AND state = 'running'", rows, keep=True)
+            changed += self._d.write_many("UPDATE jobs SET state = ?, result = ?, error = ?, progress = ?,"
+                                          " finished_at = ? WHERE seq = ? AND state = 'running'"
+                                          " AND attempts = ?", rows, keep=True)
+            asked += len(rows)
         if self._fresh:
             fresh, self._fresh = self._fresh, []
-            self._d.after_commit(lambda: self._remember(fresh))
+            if changed == asked:
+                self._d.after_commit(lambda: self._remember(fresh))
 
     def _remember(self, fresh: list[tuple[str, str, float, str]]) -> None:
         recent = self._recent
@@ -263,11 +246,18 @@ class Store:
         while len(recent) > _RECENT:
             del recent[next(iter(recent))]
 
-    def retry(self, seq: int, error: dict[str, Any]) -> None:
-        """running → queued again (a failed attempt with retries left); the error is kept."""
+    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
+        """running → queued again (a failed attempt with retries left); the error is kept.
+
+        `attempts`: the failed attempt's Claimed.attempts, so a retry from an attempt that lost
+        the job is discarded (None: whichever attempt holds it).
+        """
         self._flush()
-        self.queued += self._keep("UPDATE jobs SET state = 'queued', error = ? WHERE seq = ?"
-                                  " AND state = 'running'", (json.dumps(error), seq))
+        sql = "UPDATE jobs SET state = 'queued', error = ? WHERE seq = ? AND state = 'running'"
+        params: tuple[Any, ...] = (json.dumps(error), seq)
+        if attempts is not None:
+            sql, params = sql + " AND attempts = ?", (*params, attempts + 1)
+        self.queued += self._keep(sql, params)
 
     def cancel(self, jid: str, progress: dict[str, Any] | None = None) -> str | None:
         """queued or running → cancelled; returns the state it left (None if not found or final).
@@ -289,8 +279,8 @@ class Store:
         as queued, with the same attempt count, ran unrecorded and counts as running too.
         """
         self._flush()
-        if started:
-            self._d.write_many(
+        if started:  # queued → running: no longer counted as queued
+            self.queued -= self._d.write_many(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?"
                 " WHERE seq = ? AND state = 'queued' AND attempts = ?",
                 [(t, seq, attempts) for seq, (attempts, t) in started.items()])
@@ -385,3 +375,7 @@ class Store:
 
 def _dumps(v: Any) -> str | None:
     return None if v is None else json.dumps(v)
+
+
+if TYPE_CHECKING:  # mypy holds the backend to the protocol
+    _check: JobStore = Store(":memory:")

@@ -1,0 +1,180 @@
+"""The protocol every job store backend implements, and the records it trades in.
+
+The queue, HTTP and daemon layers talk to the store only through `JobStore`.
+SQLite (service.store.sqlite) is the embedded default; memory
+(service.store.memory) is for unit tests; PostgreSQL comes next. Every
+backend passes tests/unit/test_store_contract.py.
+
+Writes take effect for this process at once (`state_of`, `by_key`,
+`next_queued` see them); readers of Job JSON may see them only once
+committed, which `committed()` and `after_commit()` wait for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+
+class NewJob(NamedTuple):
+    """A validated JobSpec, ready to enqueue."""
+
+    fn: str
+    args: str  # JSON text
+    kwargs: str
+    timeout: float
+    priority: int = 0
+    retries: int = 0
+    key: str | None = None
+
+
+class Claimed(NamedTuple):
+    """What a worker needs to run one job."""
+
+    seq: int
+    id: str
+    fn: str
+    args: str  # JSON text, decoded by the worker
+    kwargs: str
+    timeout: float
+    retries: int
+    attempts: int  # attempts before this one: the job holds attempts + 1 once started (the attempt token)
+    priority: int
+    key: str | None
+    created_at: float
+
+
+class JobStore(Protocol):
+    """Named operations on the jobs; a backend keeps their meaning, not their SQL."""
+
+    @property
+    def path(self) -> str:
+        """Where the jobs live; ":memory:" when nothing survives the process (no start ledger)."""
+        ...
+
+    @property
+    def queued(self) -> int:
+        """How many jobs are queued, as this process last wrote them (admission and batch sizes)."""
+        ...
+
+    # -- transactions and health
+    @property
+    def healthy(self) -> bool:
+        """False while writes are refused (they wait and are replayed)."""
+        ...
+
+    @property
+    def last_error(self) -> str:
+        """Why the last write was refused ("" when healthy)."""
+        ...
+
+    async def committed(self) -> None:
+        """Returns once everything written so far is durable (raises StoreError if it failed)."""
+        ...
+
+    def after_commit(self, cb: Callable[[], None]) -> None:
+        """Runs cb once what was written so far is durable."""
+        ...
+
+    def repair(self) -> None:
+        """Periodic: undoes damage from outside and replays writes that were refused."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Periodic, run in a thread: slow durability upkeep kept off the event loop."""
+        ...
+
+    def probe(self) -> bool:
+        """Can the store be written right now?"""
+        ...
+
+    def close(self) -> None:
+        """Makes pending writes durable and lets go of the store."""
+        ...
+
+    # -- enqueue
+    def by_key(self, key: str) -> tuple[Any, ...] | None:
+        """The kept job with this idempotency key, as a row (its id at [1]), uncommitted included."""
+        ...
+
+    def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[str, str, bool]]:
+        """Queues jobs, or finds the kept job with the same key; (id, Job JSON, created) each."""
+        ...
+
+    # -- the queue
+    def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
+        """The next `limit` queued jobs by priority (highest first) then age, leaving out `skip`."""
+        ...
+
+    def start(self, seq: int, started_at: float, worker: str) -> None:
+        """queued → running, counting the attempt (`worker` is JSON text)."""
+        ...
+
+    def finish(self, c: Claimed, state: str, started_at: float, worker: str, start_written: bool, *,
+               result_json: str | None = None, error: dict[str, Any] | None = None,
+               progress: dict[str, Any] | None = None) -> None:
+        """The attempt `c` ends in a final state; discarded unless the job is still that attempt's.
+
+        `start_written` False: its start was never written, so the job is still queued with
+        `c.attempts`; the end counts the attempt too.
+        """
+        ...
+
+    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
+        """running → queued again (a failed attempt with retries left), keeping the error.
+
+        `attempts`: the failed attempt's `Claimed.attempts`; the retry is discarded when the job
+        holds another attempt (None: whatever attempt runs).
+        """
+        ...
+
+    def cancel(self, jid: str, progress: dict[str, Any] | None = None) -> str | None:
+        """queued or running → cancelled; the state it left (None if not found or final)."""
+        ...
+
+    def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
+        """At start: a previous instance's running jobs are retried or failed as interrupted;
+        (retried, failed). `started`: seq → (attempts, time) of attempts begun but maybe unrecorded."""
+        ...
+
+    def expire(self, ttl: float) -> int:
+        """Forgets jobs that finished more than ttl seconds ago; how many."""
+        ...
+
+    # -- reads (committed data only)
+    def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
+        """(state, Job JSON) of one job; `progress(id)` may give live progress JSON for a running one."""
+        ...
+
+    def get(self, jid: str) -> dict[str, Any] | None:
+        """One job as a dict (tests and tools)."""
+        ...
+
+    def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
+        """Up to `limit` jobs (of `state`, if given) newest first, as Job JSON texts."""
+        ...
+
+    def states(self, ids: list[str]) -> dict[str, str]:
+        """{id: state} for the known ids among `ids`."""
+        ...
+
+    def finished_json(self, ids: list[str]) -> list[str]:
+        """The finished jobs among `ids`, as Job JSON texts (in no particular order)."""
+        ...
+
+    def state_of(self, jid: str) -> str | None:
+        """The state as this process last wrote it (uncommitted included)."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state, every state present."""
+        ...
+
+    # -- process records (a previous instance's leftovers)
+    def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+        """Replaces the recorded (pid, create time, role) of this instance's processes."""
+        ...
+
+    def recorded_processes(self) -> list[tuple[int, float, str]]:
+        """The processes recorded last, maybe by a previous instance."""
+        ...
