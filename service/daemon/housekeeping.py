@@ -15,7 +15,7 @@ import time
 from service.daemon import systemd
 from service.engine.procs import leftovers, supervisor
 from service.http.routes import Context, health_reasons
-from service.store.sqlite.store import StoreError
+from service.store.base import StoreError
 
 log = logging.getLogger("poold.watch")
 

@@ -10,7 +10,6 @@ Its stdout and stderr go to /dev/null (import-time prints are nobody's log).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import multiprocessing
 import os
@@ -21,6 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple
 
+from service.engine.lookup import NotFound, resolve
 from service.engine.procs import supervisor
 
 log = logging.getLogger("poold.probe")
@@ -72,19 +72,11 @@ def _init(title: str, lifeline: Any) -> None:
 def find(fn: str, wildcard: bool) -> Verdict:
     """Runs in the probe: imports fn's module and resolves it. `wildcard`: admitted by a
     "module:*" entry, which admits only public functions defined in that module itself."""
-    mod, _, name = fn.partition(":")
+    mod = fn.partition(":")[0]
     try:
-        obj: Any = importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (mod == e.name or mod.startswith(e.name + ".")):
-            return Verdict(False, 422, f"fn: module {mod!r} not found ({e})")
-        return Verdict(False, 422, f"fn: module {mod!r} failed to import: {type(e).__name__}: {e}")
-    except BaseException as e:  # noqa: BLE001 - whatever user code raises at import is "not found"
-        return Verdict(False, 422, f"fn: module {mod!r} failed to import: {type(e).__name__}: {e}")
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            return Verdict(False, 422, f"fn: {mod!r} has no attribute {name!r}")
-        obj = getattr(obj, part)
+        obj = resolve(fn)
+    except NotFound as e:
+        return Verdict(False, 422, f"fn: {e}")
     if wildcard and (getattr(obj, "__module__", None) != mod
                      or not isinstance(obj, (types.FunctionType, types.BuiltinFunctionType))):
         return Verdict(False, 403, f"fn: {fn!r} is not a function defined in {mod} (jobs.allow admits"

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.model import FINAL_STATES, STATES, ErrorType, job_error
-from service.store.base import Claimed, JobStore, NewJob
+from service.store.base import Claimed, JobStore, NewJob, new_id
 from service.store.sqlite.jobjson import job_json
-from service.store.sqlite.store import _new_id
 
 
 @dataclass(slots=True)
@@ -116,7 +115,7 @@ class MemoryStore:
                 out.append((old.id, job_json(old.row()), False))
                 continue
             self._seq += 1
-            j = _Job(self._seq, _new_id(), n.fn, n.args, n.kwargs, "queued", n.priority, n.timeout, n.retries,
+            j = _Job(self._seq, new_id(), n.fn, n.args, n.kwargs, "queued", n.priority, n.timeout, n.retries,
                      0, n.key, now)
             self._jobs[j.id] = self._by_seq[j.seq] = self._queue[j.seq] = j
             if n.key is not None:

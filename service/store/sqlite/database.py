@@ -20,16 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from service.store.base import StoreError
+
 CHECKPOINT_COMMITS = 200
 CHECKPOINT_SECONDS = 10.0
 
 log = logging.getLogger("poold.store")
 
 _MIN_FREE = 64 * 1024  # bytes free below which the store counts as full
-
-
-class StoreError(Exception):
-    """The database cannot be written (read-only, full, gone)."""
 
 
 class Database:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from service.model import FINAL_STATES, STATES
-from service.store.base import Claimed, JobStore, NewJob
-from service.store.sqlite.database import Database, StoreError
+from service.store.base import Claimed, JobStore, NewJob, StoreError, new_id
+from service.store.sqlite.database import Database
 from service.store.sqlite.jobjson import job_json
 
 __all__ = ["FINAL_STATES", "STATES", "Claimed", "NewJob", "Store", "StoreError"]
@@ -66,12 +65,6 @@ _RECENT = 20000  # finished jobs whose JSON is kept in memory for fast reads
 
 _COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
             "started_at, finished_at, worker, result, error, progress")
-
-
-def _new_id() -> str:
-    """32 hex digits, time-ordered (nanoseconds, then random): inserts land at the end of the id
-    index instead of on a random page, so submitting stays fast however many jobs are kept."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 class Store:
@@ -156,7 +149,7 @@ class Store:
                     out.append((existing[1], job_json(existing), False))
                     continue
                 by_key[j.key] = len(out)
-            jid = _new_id()
+            jid = new_id()
             args, kwargs = j.args, j.kwargs
             rows.append((jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
             out.append((jid, job_json((0, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout,
