@@ -12,15 +12,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import sys
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 # `poold serve` flags, by the key each overrides (for messages)
 FLAG_NAMES = {"server.host": "--host", "server.port": "--port", "pool.workers": "--workers",
-              "store.path": "--store", "log.level": "--log-level"}
+              "store.path": "--store", "store.url": "--store", "log.level": "--log-level"}
 
 
 class ConfigError(Exception):
@@ -68,6 +70,20 @@ class JobsConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = "poold.db"
+    url: str = ""
+    schema: str = "poold"
+
+    @property
+    def where(self) -> str:
+        """The store for messages: the file, or the URL without its password."""
+        return redact(self.url) if self.url else self.path
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = ""
+    heartbeat_interval: float = 2.0
+    host_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"  # where it was read from, for messages
@@ -107,7 +124,7 @@ class Config:
 
 
 _TYPES = {"server": ServerConfig, "pool": PoolConfig, "jobs": JobsConfig, "store": StoreConfig,
-          "supervisor": SupervisorConfig, "log": LogConfig}
+          "cluster": ClusterConfig, "supervisor": SupervisorConfig, "log": LogConfig}
 
 # key -> (low, high) inclusive bounds; None for an open side
 _RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -119,7 +136,23 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "jobs.max_queue": (1, None),
     "jobs.max_result_bytes": (1, None),
 }
-_POSITIVE = {"jobs.default_timeout", "jobs.max_timeout", "jobs.result_ttl", "supervisor.interval"}
+_POSITIVE = {"jobs.default_timeout", "jobs.max_timeout", "jobs.result_ttl", "supervisor.interval",
+             "cluster.heartbeat_interval", "cluster.host_timeout"}
+_URL_SCHEMES = ("postgresql", "postgres")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+
+
+def redact(url: str) -> str:
+    """The URL with its password (if any) replaced by ***: what logs, /health and messages show."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<an unreadable URL>"
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 _NON_NEGATIVE = {"supervisor.kill_grace", "supervisor.shutdown_grace"}
 _CHOICES = {
     "pool.start_method": ("forkserver", "spawn", "fork"),
@@ -176,8 +209,16 @@ def _check(section: str, key: str, value: Any, where: str) -> None:
                 raise ConfigError(where, name, f"{pattern!r} is not 'module:name' or 'module:*'")
     if name == "store.path" and not value.strip():
         raise ConfigError(where, name, "must name a file (or :memory:)")
-    if name == "store.path" and (why := _unwritable(value)):
-        raise ConfigError(where, name, why)
+    if name == "store.url" and value:
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        if scheme not in _URL_SCHEMES:
+            raise ConfigError(where, name, f"expected a postgresql:// URL, got {redact(value)!r}")
+        try:
+            urllib.parse.urlsplit(value).port  # noqa: B018 - a bad port raises here
+        except ValueError as e:
+            raise ConfigError(where, name, f"{redact(value)!r}: {e}") from None
+    if name == "store.schema" and not _SCHEMA_NAME.fullmatch(value):
+        raise ConfigError(where, name, f"expected a lower-case SQL name (a-z, 0-9, _), got {value!r}")
     if name == "pool.preload":
         for mod in value:
             if not mod or not all(part.isidentifier() for part in mod.split(".")):
@@ -298,6 +339,8 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         _apply(values, section, key, value, var, origins)
     for name, value in (flags or {}).items():
         if value is not None:
+            if name == "store.path" and "://" in str(value):  # --store takes a file or a URL
+                name = "store.url"
             section, key = name.split(".", 1)
             _apply(values, section, key, value, FLAG_NAMES.get(name, "--" + key.replace("_", "-")),
                    origins)
@@ -333,6 +376,13 @@ def _check_whole(cfg: Config, origins: dict[str, str]) -> None:
             raise error("server.token_file", f"cannot read {s.token_file}: {e.strerror}") from None
         if not token:
             raise error("server.token_file", f"{s.token_file} is empty")
+    if not cfg.store.url and (why := _unwritable(cfg.store.path)):  # with a URL the path is ignored
+        raise error("store.path", why)
+    c = cfg.cluster
+    if c.host_timeout < 3 * c.heartbeat_interval:
+        raise error("cluster.host_timeout",
+                    f"must be at least 3 x cluster.heartbeat_interval ({3 * c.heartbeat_interval:g}),"
+                    f" got {c.host_timeout:g}", "cluster.heartbeat_interval")
     if cfg.jobs.default_timeout > cfg.jobs.max_timeout:
         raise error("jobs.default_timeout", "must not exceed jobs.max_timeout", "jobs.max_timeout")
     if not is_loopback(s.host) and not (s.token or s.token_file):

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="overrides server.host")
     p.add_argument("--port", type=int, help="overrides server.port")
     p.add_argument("--workers", type=int, help="overrides pool.workers (0 = one per CPU)")
-    p.add_argument("--store", metavar="PATH", help="overrides store.path")
+    p.add_argument("--store", metavar="PATH|URL",
+                   help="overrides store.path, or store.url for a postgresql:// URL")
     p.add_argument("--log-level", help="overrides log.level (debug, info, warning, error)")
 
     p = sub.add_parser("check-config", help="validate a configuration file",

@@ -14,7 +14,7 @@ import time
 
 from service.daemon import systemd
 from service.engine.procs import leftovers, supervisor
-from service.http.routes import Context, health_reasons
+from service.http.routes import STORE_REASON, Context, health_reasons
 from service.store.base import StoreError
 
 log = logging.getLogger("poold.watch")
@@ -47,8 +47,8 @@ class Watch:
             try:
                 self.ctx.store.repair()
                 self._sweep_orphans(tg_tasks)
-                self._expire()
-                self._record_processes()
+                await self._expire()
+                await self._record_processes()
                 self._report_status()
             except StoreError:
                 pass  # the store has said so already (once); the backlog is retried next round
@@ -97,17 +97,17 @@ class Watch:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    def _expire(self) -> None:
+    async def _expire(self) -> None:
         now = time.monotonic()
         ttl = self.ctx.cfg.jobs.result_ttl
         if now - self._last_expire < min(ttl / 4, 30.0):
             return
         self._last_expire = now
-        n = self.ctx.store.expire(ttl)
+        n = await self.ctx.store.expire(ttl)
         if n:
             log.debug("expired %d finished jobs", n)
 
-    def _record_processes(self) -> None:
+    async def _record_processes(self) -> None:
         """Keeps the store's list of our processes current, so a next instance can end them."""
         pool = self.ctx.scheduler.pool
         probe = self.ctx.allow.probe.pids() if self.ctx.allow.probe is not None else set()
@@ -120,7 +120,7 @@ class Watch:
             if ident is not None:
                 role = "daemon" if pid == os.getpid() else "worker"
                 records.append((ident[0], ident[1], role))
-        self.ctx.store.record_processes(records)
+        await self.ctx.store.record_processes(records)
         self._recorded = pids
 
     def _report_status(self) -> None:
@@ -133,10 +133,13 @@ class Watch:
             systemd.notify(status)
 
     async def _watchdog(self, period: float) -> None:
-        """WATCHDOG=1 only while healthy: a hung loop, no live worker or a dead store stops the pings."""
+        """WATCHDOG=1 only while healthy: a hung loop, no live worker or a dead SQLite store stops
+        the pings (a restart may mend those); a PostgreSQL database out of reach does not."""
         while True:
             await asyncio.sleep(period)
             reasons = [r for r in health_reasons(self.ctx) if not r.startswith("draining")]
+            if self.ctx.cluster is not None:  # a database away is waited out (reconnecting), not
+                reasons = [r for r in reasons if not r.startswith(STORE_REASON)]  # a restart's to mend
             if not reasons and self._loop_lag < period:
                 systemd.notify("WATCHDOG=1")
             else:

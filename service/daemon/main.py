@@ -16,17 +16,17 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 import service
 from service import config as config_mod
 from service.config import Config, ConfigError
-from service.daemon import logs, systemd
+from service.daemon import logs, stores, systemd
 from service.daemon.housekeeping import Watch
-from service.engine import ledger
 from service.engine.probe import Probe
 from service.engine.procs import leftovers, supervisor
 from service.http.routes import Context, make_app, refuse_expectation
@@ -34,7 +34,10 @@ from service.http.runner import Runner
 from service.queue.allow import Allow
 from service.queue.dispatcher import Scheduler
 from service.queue.metrics import Metrics
-from service.store.sqlite.store import Store
+
+if TYPE_CHECKING:
+    from service.queue.cluster import HostKeeper
+from service.store.base import JobStore, StoreError
 
 log = logging.getLogger("poold")
 
@@ -138,6 +141,24 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def _keeper(cfg: Config, store: JobStore, scheduler: Scheduler) -> HostKeeper | None:
+    """The cluster side of a host on PostgreSQL (None on SQLite)."""
+    if not cfg.store.url:
+        return None
+    from service.queue.cluster import HostKeeper
+    from service.store.postgres.store import PgStore
+
+    assert isinstance(store, PgStore)
+    return HostKeeper(cfg.cluster, store, scheduler, cfg.store.url)
+
+
+async def _both(first: asyncio.Task[None], second: Coroutine[Any, Any, None]) -> None:
+    """Runs a second long task beside the first; ends both when either ends (or on cancel)."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(second)
+        await first
+
+
 def _workers(n: int) -> str:
     return "1 worker" if n == 1 else f"{n} workers"
 
@@ -152,37 +173,37 @@ async def _serve(cfg: Config, early: list[int]) -> int:
         stop.set()
     supervisor.set_subreaper()
     try:
-        store = Store(cfg.store.path)
-    except Exception as e:  # noqa: BLE001 - any failure to open the store is fatal, said plainly
-        raise _Fatal(f"cannot open the store {cfg.store.path}: {e}") from None
-    recorded = store.recorded_processes()
-    if (other := supervisor.running_daemon(recorded)) is not None:
-        raise _Fatal(f"the store {cfg.store.path} is in use by a running poold (pid {other})")
+        opened = await stores.open_store(cfg)
+    except stores.OpenError as e:
+        raise _Fatal(str(e)) from None
+    store = opened.store
     tag = supervisor.tag_instance()
-    ended = supervisor.end_previous(recorded, cfg.supervisor.kill_grace)
+    ended = supervisor.end_previous(await store.recorded_processes(), cfg.supervisor.kill_grace)
     if ended:
         log.warning("ended %d processes left by a previous instance", ended)
-    retried, failed = store.recover(ledger.read(cfg.store.path))
-    await store.committed()
-    ledger.clear(cfg.store.path)
-    if retried or failed:
+    if opened.retried or opened.failed:
         log.warning("recovered from an unclean stop: %d running jobs requeued, %d failed as interrupted",
-                    retried, failed)
+                    opened.retried, opened.failed)
     scheduler: Scheduler
     metrics = Metrics(lambda: scheduler.state())
-    scheduler = Scheduler(cfg, store, metrics)
+    scheduler = Scheduler(cfg, store, metrics, host=opened.host, poll=opened.poll)
+    keeper = _keeper(cfg, store, scheduler)
     # function lookups run in a process of the pool's, never here (service.engine.probe)
     probe = Probe(cfg.pool.start_method, getattr(scheduler.pool, "_lifeline_r", None))
     ctx = Context(cfg=cfg, store=store, scheduler=scheduler, metrics=metrics,
-                  allow=Allow(cfg.jobs.allow, probe), token=cfg.token, version=service.__version__)
+                  allow=Allow(cfg.jobs.allow, probe), token=cfg.token, version=service.__version__,
+                  cluster=None if keeper is None else keeper.store.hosts)
     try:
         # the sockets first: a port in use is said at once, before any worker is started
         async with _listening(make_app(ctx), cfg) as where:
             scheduler.start()
             probe.start()
             log.info("poold %s serving on %s with %s (%s), store %s", service.__version__,
-                     ", ".join(where), _workers(cfg.pool.size), cfg.pool.start_method, cfg.store.path)
+                     ", ".join(where), _workers(cfg.pool.size), cfg.pool.start_method, cfg.store.where)
             watch_task = loop.create_task(Watch(ctx).run())
+            if keeper is not None:
+                keeper.renew(keeper.store.hosts.registered_at)  # the first lease: from the registration
+                watch_task = loop.create_task(_both(watch_task, keeper.run()))
             await _wait_ready(scheduler, stop)
             if not stop.is_set():  # stopped before it was ready: no READY=1, straight to STOPPING=1
                 systemd.notify("READY=1", f"STATUS=serving with {_workers(cfg.pool.size)}")
@@ -191,11 +212,14 @@ async def _serve(cfg: Config, early: list[int]) -> int:
                 if reload.is_set() and not stop.is_set():
                     reload.clear()
                     _reload(ctx)
+            if keeper is not None:
+                keeper.draining = True
             await _drain(ctx)
             watch_task.cancel()
             await asyncio.gather(watch_task, return_exceptions=True)
     finally:
         probe.close()
+        await scheduler.stop()
         await scheduler.pool.stop(ctx.cfg.supervisor.kill_grace)
         # whatever still carries this instance's tag (leftovers the sweep has not reached); they
         # may hold the forkserver's pipe, so they go before it
@@ -205,8 +229,11 @@ async def _serve(cfg: Config, early: list[int]) -> int:
         found = leftovers.find_leftovers(scheduler.pool.helper_pids(), {}, {})
         await asyncio.to_thread(leftovers.sweep, found, ctx.cfg.supervisor.kill_grace)
         await scheduler.pool.stop_helpers()
-        await store.committed()
-        store.close()
+        with contextlib.suppress(StoreError):
+            await store.committed()
+            if keeper is not None:
+                await keeper.store.hosts.leave()
+        await store.aclose()
     log.info("poold stopped")
     return 0
 

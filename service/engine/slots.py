@@ -20,8 +20,9 @@ from typing import Any
 
 import psutil
 
-from service.engine import exitstatus, ledger, protocol, worker
+from service.engine import exitstatus, lease, ledger, protocol, worker
 from service.engine.frames import FrameReader
+from service.engine.lease import Lease
 from service.engine.options import PoolOptions
 from service.engine.procs import supervisor
 from service.engine.protocol import Job, WorkerSetup
@@ -30,11 +31,15 @@ from service.model import iso
 
 log = logging.getLogger("poold.pool")
 
+# Slot.exit of a worker that ended its job because this host's lease ran out
+LEASE_EXPIRED = ("ended its job: this host's lease on its jobs ran out"
+                 " (no heartbeat reached the store in time)")
+
 class Slots:
     """Starts, replaces and kills slots; forwards worker events to their owner."""
 
     def __init__(self, cfg: PoolOptions, owner: Owner, *, ledger_base: str | None = None,
-                 label_output: bool = True, end_children: bool = False) -> None:
+                 label_output: bool = True, end_children: bool = False, leased: bool = False) -> None:
         self.cfg = cfg
         self.ledger = ledger_base  # the store's path: workers keep their start rings beside it
         self.label_output, self.end_children = label_output, end_children
@@ -46,6 +51,8 @@ class Slots:
             self.ctx.set_forkserver_preload(["service.engine.worker", "json", "psutil", "pickle"])
         self.owner = owner
         self._lifeline_r, self._lifeline_w = self.ctx.Pipe(duplex=False)
+        # a cluster host's lease on its jobs (service.engine.lease): workers end theirs once it is out
+        self.lease = Lease(self.ctx) if leased else None
         self.slots: dict[int, Slot] = {}
         self.restarts = 0
         self.stopping = False
@@ -108,7 +115,8 @@ class Slots:
                             ledger.path(self.ledger, slot.n) if self.ledger else None,
                             self.label_output, self.end_children)
         executor = ProcessPoolExecutor(1, mp_context=self.ctx, initializer=worker.init,
-                                       initargs=(setup, events_w, control_r, self._lifeline_r))
+                                       initargs=(setup, events_w, control_r, self._lifeline_r,
+                                                 None if self.lease is None else self.lease.value))
         slot.executor, slot.events, slot.control = executor, events_r, control_w
         try:
             try:
@@ -218,7 +226,9 @@ class Slots:
                     break
                 await asyncio.sleep(0.005)
             slot.exit = self.exit_description(slot)
-            if "SIGKILL" in slot.exit:  # not ours (a kill of ours is slot.killed): memory, most likely
+            if getattr(slot.process, "exitcode", None) == lease.EXPIRED_EXIT:
+                slot.exit = LEASE_EXPIRED
+            elif "SIGKILL" in slot.exit:  # not ours (a kill of ours is slot.killed): memory, most likely
                 oom = supervisor.oom_kills() > slot.oom_kills
                 slot.exit += (" by the kernel's OOM killer (out of memory)" if oom
                               else " — perhaps out of memory?")

@@ -17,7 +17,7 @@ import signal
 import time
 from typing import Any
 
-from service.engine import guard, output
+from service.engine import guard, lease, output
 from service.engine.ledger import Writer as _Ledger
 from service.engine.lookup import NotFound, resolve
 from service.engine.pickled import PROTOCOL, dump_exception
@@ -48,7 +48,7 @@ _JOB_VAR = "POOLD_JOB_ID"  # service.engine.procs.leftovers.JOB_VAR (not importe
 _QUICK = 50e-6  # a call shorter than this started no process: no need to look for leftovers
 
 
-def init(setup: WorkerSetup, events: Any, control: Any, lifeline: Any) -> None:
+def init(setup: WorkerSetup, events: Any, control: Any, lifeline: Any, lease_value: Any = None) -> None:
     """Executor initializer: title, signal policy, death watch, preload."""
     global _events, _control, _ledger, _setup
     _setup = setup
@@ -71,6 +71,8 @@ def init(setup: WorkerSetup, events: Any, control: Any, lifeline: Any) -> None:
     send = events.send
     _channel.send = lambda msg: send(encode(Progress(msg[1], *msg[2])))
     guard.watch_owner(lifeline)
+    if lease_value is not None:
+        lease.watch(lease_value, lambda: _channel.job_id is not None)
     for mod in setup.preload:
         __import__(mod)
 

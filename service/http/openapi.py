@@ -147,9 +147,10 @@ JOB: Schema = {
 
 WORKER: Schema = {
     "type": "object",
-    "required": ["pid", "name", "state", "job", "rss_bytes", "tasks_done", "started_at"],
+    "required": ["pid", "name", "state", "job", "rss_bytes", "tasks_done", "started_at", "host"],
     "properties": {
         "pid": {"type": "integer"},
+        "host": {"type": "string", "description": "The cluster name of its host (`cluster.name`)."},
         "name": {"type": "string", "example": "poold: worker 1",
                  "description": "The process title, `poold: worker N` (N its slot)."},
         "state": {"type": "string", "enum": ["idle", "busy", "starting"]},
@@ -157,6 +158,20 @@ WORKER: Schema = {
         "rss_bytes": {"type": "integer", "minimum": 0},
         "tasks_done": {"type": "integer", "minimum": 0},
         "started_at": {"type": "string", "format": "date-time"},
+    },
+}
+
+HOST: Schema = {
+    "type": "object",
+    "required": ["name", "started_at", "last_seen", "workers", "running", "state"],
+    "properties": {
+        "name": {"type": "string", "description": "`cluster.name` (by default hostname:port)."},
+        "started_at": {"type": "string", "format": "date-time"},
+        "last_seen": {"type": "string", "format": "date-time",
+                      "description": "Its last heartbeat, by the database's clock."},
+        "workers": {"type": "integer", "minimum": 0, "description": "Its live workers."},
+        "running": {"type": "integer", "minimum": 0, "description": "Jobs running there."},
+        "state": {"type": "string", "enum": ["alive", "draining", "dead"]},
     },
 }
 
@@ -285,8 +300,18 @@ def _paths() -> Schema:
                              "description": "Only cancel a job that has not started yet.",
                              "schema": {"type": "boolean", "default": False}}]),
         },
-        "/v1/workers": {"get": _op("listWorkers", "workers", "List the pool's workers", "One per slot.",
-                                   {"200": _json("The workers.", _list("workers", "Worker"))})},
+        "/v1/workers": {"get": _op(
+            "listWorkers", "workers", "List the pool's workers",
+            "One per slot of this host; with `all=true`, every live host's (PostgreSQL).",
+            {"200": _json("The workers.", _list("workers", "Worker")),
+             "422": _error("`all` is not a boolean, or another query parameter is given.", "invalid_request"),
+             "503": STORE_UNAVAILABLE},
+            parameters=[{"name": "all", "in": "query", "description": "Every live host's workers.",
+                         "schema": {"type": "boolean", "default": False}}])},
+        "/v1/hosts": {"get": _op(
+            "listHosts", "workers", "List the cluster's hosts",
+            "Every host sharing the store (PostgreSQL), dead ones included; on SQLite, this one.",
+            {"200": _json("The hosts.", _list("hosts", "Host")), "503": STORE_UNAVAILABLE})},
         "/health": {"get": _op(
             "getHealth", "operations", "Health check",
             "Never requires a token.", auth=False, security=[],
@@ -323,7 +348,7 @@ def document(version: str) -> dict[str, Any]:
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
                 "description": "Required only when a token is configured."}},
-            "schemas": {"JobSpec": JOB_SPEC, "Job": JOB, "Worker": WORKER, "Error": ERROR, "Health": HEALTH,
-                        "WaitRequest": WAIT_REQUEST},
+            "schemas": {"JobSpec": JOB_SPEC, "Job": JOB, "Worker": WORKER, "Host": HOST, "Error": ERROR,
+                        "Health": HEALTH, "WaitRequest": WAIT_REQUEST},
         },
     })

@@ -11,6 +11,7 @@ import functools
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -20,10 +21,11 @@ from aiohttp import web
 from service.config import Config
 from service.http import openapi, spec
 from service.http.spec import ApiError
+from service.model import FINAL_STATES, STATES, iso
 from service.queue.allow import Allow
 from service.queue.dispatcher import Scheduler
 from service.queue.metrics import CONTENT_TYPE, Metrics
-from service.store.sqlite.store import FINAL_STATES, STATES, Store, StoreError
+from service.store.base import Cluster, JobStore, StoreError
 
 log = logging.getLogger("poold.api")
 
@@ -33,7 +35,7 @@ class Context:
     """What the handlers need; `cfg` and `allow` are swapped on reload."""
 
     cfg: Config
-    store: Store
+    store: JobStore
     scheduler: Scheduler
     metrics: Metrics
     allow: Allow
@@ -41,6 +43,8 @@ class Context:
     version: str = "0"
     draining: bool = False
     extra_health: list[Callable[[], str | None]] = field(default_factory=list)
+    cluster: Cluster | None = None  # the hosts sharing the store (PostgreSQL)
+    started_at: float = field(default_factory=time.time)
 
 
 CTX = web.AppKey("ctx", Context)
@@ -135,20 +139,15 @@ async def submit(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     _refuse_when_draining(ctx)
     body = await _body(request)
-    if (key := spec.key_of(body)) is not None and (row := ctx.store.by_key(key)) is not None:
-        # the contract: the kept job with this key, 200, whatever the rest of the body says
-        await ctx.store.committed()  # it may be a job enqueued a moment ago, not yet committed
-        found = ctx.store.get_json(row[1], ctx.scheduler.progress_json)
-        if found is not None:
-            return _job_response(found[1])
+    if (key := spec.key_of(body)) is not None \
+            and (found := await ctx.store.find_key(key, ctx.scheduler.progress_json)) is not None:
+        return _job_response(found)  # the contract: the kept job with this key, 200, whatever the rest says
     new = spec.parse(body, ctx.cfg.jobs, ctx.allow)
     await ctx.allow.check(new.fn)  # asks the probe the first time (the key may be taken meanwhile:
     _check_room(ctx, 1)            # enqueue_many then answers with that job, created=False)
-    [(jid, text, created)] = ctx.store.enqueue_many([new])
-    await ctx.store.committed()
+    [(jid, text, created)] = await ctx.store.enqueue([new], ctx.scheduler.progress_json)
     if not created:  # the kept job with this key, as it is now
-        found = ctx.store.get_json(jid, ctx.scheduler.progress_json)
-        return _job_response(found[1] if found else text)
+        return _job_response(text)
     ctx.metrics.submitted.inc()
     ctx.scheduler.kick()
     return _job_response(text, 202, {"Location": f"/v1/jobs/{jid}"})
@@ -169,10 +168,9 @@ async def submit_batch(request: web.Request) -> web.Response:
         except ApiError as e:
             raise ApiError(e.status, e.code, f"jobs[{i}]: {e.message}") from None
     await ctx.allow.check_all([j.fn for j in new])
-    fresh = sum(1 for j in new if j.key is None or ctx.store.by_key(j.key) is None)
-    _check_room(ctx, fresh)
-    results = ctx.store.enqueue_many(new)
-    await ctx.store.committed()
+    if ctx.store.queued + len(new) > ctx.cfg.jobs.max_queue:  # only then do kept keys matter
+        _check_room(ctx, sum([j.key is None or await ctx.store.find_key(j.key) is None for j in new]))
+    results = await ctx.store.enqueue(new, ctx.scheduler.progress_json)
     ctx.metrics.submitted.inc(sum(1 for _, _, created in results if created))
     ctx.scheduler.kick()
     return _job_response('{"jobs":[' + ",".join(text for _, text, _ in results) + "]}", 202)
@@ -195,12 +193,12 @@ async def get_job(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     jid = request.match_info["id"]
     wait = _number(request, "wait", 0, 60)
-    found = ctx.store.get_json(jid, ctx.scheduler.progress_json)
+    found = await ctx.store.get_json(jid, ctx.scheduler.progress_json)
     if found is None:
         raise ApiError(404, "not_found", f"no job {jid!r}")
     if wait and found[0] not in FINAL_STATES:
         await _until_final(ctx, [jid], wait, True)
-        found = ctx.store.get_json(jid, ctx.scheduler.progress_json) or found
+        found = await ctx.store.get_json(jid, ctx.scheduler.progress_json) or found
     return _job_response(found[1])
 
 
@@ -211,13 +209,18 @@ async def _until_final(ctx: Context, ids: list[str], timeout: float, need_all: b
     finished, so its waiters go back to waiting for what is left of their time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    poll = ctx.scheduler.poll  # another host's end is told by NOTIFY; polled while that is down
     while ids and (left := deadline - loop.time()) > 0:
-        await ctx.scheduler.wait(ids, left, need_all)
-        states = ctx.store.states(ids)
-        still = [i for i in ids if states.get(i) not in (None, *FINAL_STATES)]
-        if not still or (not need_all and len(still) < len(ids)):
-            return
-        ids = still
+        # watched before the states are read: an end between the read and the wait is not missed
+        with ctx.scheduler.waiters.watch(ids, need_all) as w:
+            states = await ctx.store.states(ids)
+            still = [i for i in ids if states.get(i) not in (None, *FINAL_STATES)]
+            if not still or (not need_all and len(still) < len(ids)):
+                return
+            if len(still) < len(ids):  # some ended: watch the rest
+                ids = still
+                continue
+            await w.until(left if poll is None else min(left, poll))
 
 
 _WAIT_IDS = 1000  # ids per POST /v1/jobs/wait (CONTRACT.md): the clients send at most this many
@@ -249,14 +252,14 @@ async def wait_jobs(request: web.Request) -> web.Response:
     if not isinstance(need_all, bool):
         raise ApiError(422, "invalid_request", "all: expected true or false")
     ids = list(dict.fromkeys(body["ids"]))
-    states = ctx.store.states(ids)
+    states = await ctx.store.states(ids)
     if (unknown := next((i for i in ids if i not in states), None)) is not None:
         raise ApiError(404, "not_found", f"no job {unknown[:200]!r}")
     open_ids = [i for i in ids if states[i] not in FINAL_STATES]
     done = len(ids) - len(open_ids)
     if timeout and open_ids and (need_all or done == 0):
         await _until_final(ctx, open_ids, timeout, need_all)
-    return _job_response('{"jobs":[' + ",".join(ctx.store.finished_json(ids)) + "]}")
+    return _job_response('{"jobs":[' + ",".join(await ctx.store.finished_json(ids)) + "]}")
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -265,7 +268,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     raw = request.query.get("queued_only", "false").lower()
     if raw not in ("true", "false", "1", "0"):
         raise ApiError(422, "invalid_request", "queued_only: expected true or false")
-    outcome = ctx.scheduler.cancel(jid, raw in ("true", "1"))
+    outcome = await ctx.scheduler.cancel(jid, raw in ("true", "1"))
     if outcome == "not_found":
         raise ApiError(404, "not_found", f"no job {jid!r}")
     if outcome == "already_finished":
@@ -273,7 +276,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     if outcome == "already_started":
         raise ApiError(409, "already_started", f"job {jid} has started (queued_only=true)")
     await ctx.store.committed()
-    found = ctx.store.get_json(jid)
+    found = await ctx.store.get_json(jid)
     if found is None:
         raise ApiError(404, "not_found", f"no job {jid!r}")
     return _job_response(found[1])
@@ -287,12 +290,34 @@ async def list_jobs(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "100")
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
         raise ApiError(422, "invalid_request", "limit: expected an integer from 1 to 1000")
-    jobs = ctx.store.list_json(state, int(raw), ctx.scheduler.progress_json)
+    jobs = await ctx.store.list_json(state, int(raw), ctx.scheduler.progress_json)
     return _job_response('{"jobs":[' + ",".join(jobs) + "]}")
 
 
 async def workers(request: web.Request) -> web.Response:
-    return _json({"workers": request.app[CTX].scheduler.workers()})
+    ctx = request.app[CTX]
+    raw = request.query.get("all", "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ApiError(422, "invalid_request", "all: expected true or false")
+    if raw in ("true", "1") and ctx.cluster is not None:
+        return _json({"workers": await ctx.cluster.workers()})
+    return _json({"workers": ctx.scheduler.workers()})
+
+
+async def hosts(request: web.Request) -> web.Response:
+    """The cluster's hosts; on SQLite, this one host."""
+    ctx = request.app[CTX]
+    if ctx.cluster is not None:
+        return _json({"hosts": await ctx.cluster.listing()})
+    sched = ctx.scheduler
+    live = sum(1 for s in sched.pool.slots.values() if s.state in ("idle", "busy"))
+    now = iso(time.time())
+    return _json({"hosts": [{"name": sched.host, "started_at": iso(ctx.started_at), "last_seen": now,
+                             "workers": live, "running": len(sched.running),
+                             "state": "draining" if ctx.draining else "alive"}]})
+
+
+STORE_REASON = "the store cannot be written"
 
 
 def health_reasons(ctx: Context) -> list[str]:
@@ -304,7 +329,7 @@ def health_reasons(ctx: Context) -> list[str]:
     if not any(s.state in ("idle", "busy") or s.coming() for s in ctx.scheduler.pool.slots.values()):
         reasons.append("no worker is alive")
     if not ctx.store.probe():
-        reasons.append(f"the store cannot be written: {ctx.store.last_error}")
+        reasons.append(f"{STORE_REASON}: {ctx.store.last_error}")
     for check in ctx.extra_health:
         if (reason := check()) is not None:
             reasons.append(reason)
@@ -376,7 +401,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/jobs", list_jobs, frozenset({"state", "limit"})),
     Route("GET", "/v1/jobs/{id}", get_job, frozenset({"wait"})),
     Route("DELETE", "/v1/jobs/{id}", cancel_job, frozenset({"queued_only"})),
-    Route("GET", "/v1/workers", workers),
+    Route("GET", "/v1/workers", workers, frozenset({"all"})),
+    Route("GET", "/v1/hosts", hosts),
     Route("GET", "/health", health),
     Route("GET", "/metrics", metrics),
     Route("GET", "/openapi.json", openapi_document),

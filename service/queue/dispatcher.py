@@ -9,6 +9,7 @@ unknown function goes one at a time, so priorities and cancels stay prompt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -20,11 +21,11 @@ from service.engine.batching import MAX_BATCH, RunTimes
 from service.engine.options import PoolOptions
 from service.engine.procs import leftovers, supervisor
 from service.engine.protocol import OK, Done, Event, JsonJob, Progress, Started
-from service.engine.slots import Slot, Slots
+from service.engine.slots import LEASE_EXPIRED, Slot, Slots
 from service.model import ErrorType, job_error
 from service.queue.metrics import Metrics
 from service.queue.waiters import Waiters
-from service.store.sqlite.store import Claimed, Store
+from service.store.base import Claimed, JobStore, StoreError
 
 log = logging.getLogger("poold.scheduler")
 
@@ -45,11 +46,15 @@ def options(cfg: Config) -> PoolOptions:
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, store: Store, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, store: JobStore, metrics: Metrics, *, host: str = "",
+                 poll: float | None = None) -> None:
+        """`host`: this host's cluster name; `poll`: seconds between looks at the store when
+        nothing kicks (a store shared by several hosts: one's submits are another's work)."""
         self.cfg = cfg
         self.store = store
         self.metrics = metrics
-        self.pool = Slots(options(cfg), self, ledger_base=None if store.path == ":memory:" else store.path)
+        self.host, self.poll = host, poll
+        self.pool = Slots(options(cfg), self, ledger_base=store.start_ledger, leased=poll is not None)
         # handed to a worker (in this batch of that slot), not ended
         self.dispatched: dict[str, tuple[Slot, list[Claimed]]] = {}
         self.running: dict[str, Running] = {}  # started, not ended
@@ -58,12 +63,21 @@ class Scheduler:
         self.stats = RunTimes()
         self._timers: dict[Slot, tuple[float, asyncio.Handle]] = {}
         self.accepting = True  # False while draining: nothing new starts
-        self._kicked = False
+        self._kicked = asyncio.Event()
+        self._filler: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.pool.start(self.cfg.pool.size)
+        self._filler = self.loop.create_task(self._fill_loop(), name="poold dispatch")
+
+    async def stop(self) -> None:
+        """Ends the dispatch task (before the slots end)."""
+        if self._filler is not None:
+            self._filler.cancel()
+            await asyncio.gather(self._filler, return_exceptions=True)
+            self._filler = None
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -74,21 +88,38 @@ class Scheduler:
 
     # -- dispatch
     def kick(self) -> None:
-        """Asks for a dispatch pass at the end of this loop iteration (once, however often asked)."""
-        if not self._kicked and self.loop is not None:
-            self._kicked = True
-            self.loop.call_soon(self._fill)
+        """Asks for a dispatch pass (one, however often asked before it runs)."""
+        self._kicked.set()
 
-    def _fill(self) -> None:
-        self._kicked = False
-        if not self.accepting:
-            return
+    async def _fill_loop(self) -> None:
+        pause = 0.0
+        while True:
+            if self.poll is None:
+                await self._kicked.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kicked.wait(), self.poll)
+            self._kicked.clear()
+            try:
+                await self._fill()
+                pause = 0.0
+            except StoreError:  # the store says why (in /health); try again, backing off
+                pause = min(max(2 * pause, 0.05), 2.0)
+                await asyncio.sleep(pause)
+                self._kicked.set()
+
+    async def _fill(self) -> None:
+        if not self.accepting or (self.pool.lease is not None and not self.pool.lease.valid()):
+            return  # a host whose lease is out takes no job until it has renewed it
         free = [s for s in self.pool.slots.values() if self._can_take(s)]
         if not free:
             return
         # jobs queued in the store and not yet handed to a worker (sizes batches only)
         waiting = self.store.queued - (len(self.dispatched) - len(self.running))
-        queue = self.store.next_queued(MAX_BATCH * len(free), set(self.dispatched))
+        queue = await self.store.claim(MAX_BATCH * len(free), set(self.dispatched))
+        if not queue:
+            return
+        free = [s for s in free if self._can_take(s)] if self.accepting else []  # it may have waited
         pos = 0
         for slot in free:
             if pos >= len(queue):
@@ -106,6 +137,8 @@ class Scheduler:
             waiting -= len(batch)
             self.pool.submit(slot, batch, [JsonJob(c.id, c.fn, c.args, c.kwargs, c.seq, c.attempts)
                                            for c in batch], self.cfg.jobs.max_result_bytes)
+        if pos < len(queue):
+            self.store.release(queue[pos:])
 
     def _can_take(self, s: Slot) -> bool:
         """An idle slot takes a batch; a busy one takes a second when the batch it runs is of
@@ -156,7 +189,7 @@ class Scheduler:
         self.kick()
 
     def _worker_info(self, slot: Slot) -> str:
-        return f'{{"pid":{slot.pid},"name":"{slot.name}"}}'
+        return json.dumps({"pid": slot.pid, "name": slot.name, "host": self.host}, separators=(",", ":"))
 
     def _started(self, slot: Slot, c: Claimed, t: float) -> None:
         assert self.loop is not None
@@ -229,13 +262,18 @@ class Scheduler:
             self._final(r, state, error=error)
 
     def batch_ended(self, slot: Slot, batch: list[Claimed], exc: BaseException | None) -> None:
+        unstarted = []
         for c in batch:
             # never started (or ended) here: back to the queue as it is — unless it was already
             # handed to another slot (a retry), which owns it now
             entry = self.dispatched.get(c.id)
             if entry is not None and entry[1] is batch and c.id not in self.running:
                 del self.dispatched[c.id]
+                if c.id not in self.cancelled_pending:
+                    unstarted.append(c)
                 self.cancelled_pending.discard(c.id)
+        if unstarted:
+            self.store.release(unstarted)
         if exc is not None:
             self._worker_lost(slot, batch)
         self.kick()
@@ -258,6 +296,9 @@ class Scheduler:
                                 f"the job ran longer than its timeout ({c.timeout:g} s) and was killed")
                 self._failed(r, "timed_out", err)
                 continue
+            if slot.exit == LEASE_EXPIRED:  # another host may have the job now: an interruption
+                self._failed(r, "failed", job_error(ErrorType.INTERRUPTED, f"the worker {slot.exit}"))
+                continue
             self._failed(r, "failed",
                          job_error(ErrorType.WORKER_DIED, f"the worker process (pid {slot.pid}) {slot.exit}"))
         if ended:
@@ -272,7 +313,7 @@ class Scheduler:
             supervisor.kill_tree(p.pid)
 
     # -- requests from the API
-    def cancel(self, jid: str, queued_only: bool) -> str:
+    async def cancel(self, jid: str, queued_only: bool) -> str:
         """Cancels a job; returns "cancelled", "not_found", "already_finished" or "already_started"."""
         r = self.running.get(jid)
         if r is not None and r.slot.kill_reason.get(jid) == "cancel":
@@ -280,13 +321,18 @@ class Scheduler:
         if r is not None:
             if queued_only:
                 return "already_started"
-            self.store.cancel(jid, r.progress)
+            # killed first: while the store is asked, the worker could go on to its next job
             r.slot.kill_reason[jid] = "cancel"
             self._kill_job(r, "cancel")
+            await self.store.cancel(jid, r.progress)
         else:
-            left = self.store.cancel(jid)
+            left = await self.store.cancel(jid, queued_only=queued_only)
             if left is None:
-                return "not_found" if self.store.state_of(jid) is None else "already_finished"
+                return "not_found"
+            if left not in ("queued", "running"):
+                return "already_finished"
+            if queued_only and left == "running":
+                return "already_started"  # on another host
             entry = self.dispatched.get(jid)
             if entry is not None:  # waiting inside a worker's batch: tell it to skip the job
                 self.cancelled_pending.add(jid)
@@ -336,4 +382,17 @@ class Scheduler:
                 "draining": not self.accepting}
 
     def workers(self) -> list[dict[str, Any]]:
-        return self.pool.workers()
+        return [w | {"host": self.host} for w in self.pool.workers()]
+
+    def drop(self, ids: list[str]) -> None:
+        """Jobs the store no longer has as this host's (cancelled on another host, rescued by
+        one): killed here, their tree too, with nothing more written."""
+        for jid in ids:
+            r = self.running.get(jid)
+            if r is not None:
+                if r.slot.kill_reason.get(jid) != "cancel":
+                    r.slot.kill_reason[jid] = "cancel"
+                    self._kill_job(r, "cancel")
+            elif (entry := self.dispatched.get(jid)) is not None:
+                self.cancelled_pending.add(jid)
+                self.pool.cancel_pending(entry[0], jid)

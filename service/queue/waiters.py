@@ -8,6 +8,8 @@ committed: a woken client always reads the final state from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 
 class _Waiter:
@@ -16,6 +18,12 @@ class _Waiter:
     def __init__(self, left: int) -> None:
         self.left = left
         self.event = asyncio.Event()
+
+    async def until(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            pass
 
 
 class Waiters:
@@ -27,13 +35,18 @@ class Waiters:
         The caller passes only jobs not yet final."""
         if not ids:
             return
+        with self.watch(ids, need_all) as w:
+            await w.until(timeout)
+
+    @contextlib.contextmanager
+    def watch(self, ids: list[str], need_all: bool = True) -> Iterator[_Waiter]:
+        """A waiter on `ids`, registered before the caller reads their states: an end that
+        comes between the read and the wait is not missed."""
         w = _Waiter(len(ids) if need_all else 1)
         for jid in ids:
             self._by_id.setdefault(jid, []).append(w)
         try:
-            await asyncio.wait_for(w.event.wait(), timeout)
-        except TimeoutError:
-            pass
+            yield w
         finally:
             if w.left > 0:
                 for jid in ids:

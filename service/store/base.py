@@ -5,9 +5,10 @@ SQLite (service.store.sqlite) is the embedded default; memory
 (service.store.memory) is for unit tests; PostgreSQL comes next. Every
 backend passes tests/unit/test_store_contract.py.
 
-Writes take effect for this process at once (`state_of`, `by_key`,
-`next_queued` see them); readers of Job JSON may see them only once
-committed, which `committed()` and `after_commit()` wait for.
+The operations that may need the network are coroutines. The writes of a
+running job (start, finish, retry, release) are plain calls: they are
+gathered and committed together, and readers see them once committed, which
+`committed()` and `after_commit()` wait for.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ class JobStore(Protocol):
         ...
 
     @property
+    def start_ledger(self) -> str | None:
+        """Where the workers' start ledger lives (service.engine.ledger), None without one: a
+        backend that writes each start before the job reaches a worker needs none."""
+        ...
+
+    @property
     def queued(self) -> int:
         """How many jobs are queued, as this process last wrote them (admission and batch sizes)."""
         ...
@@ -104,22 +111,33 @@ class JobStore(Protocol):
         """Makes pending writes durable and lets go of the store."""
         ...
 
-    # -- enqueue
-    def by_key(self, key: str) -> tuple[Any, ...] | None:
-        """The kept job with this idempotency key, as a row (its id at [1]), uncommitted included."""
+    async def aclose(self) -> None:
+        """close() for backends that must wait to let go (a connection pool)."""
         ...
 
-    def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[str, str, bool]]:
-        """Queues jobs, or finds the kept job with the same key; (id, Job JSON, created) each."""
+    # -- enqueue (durable on return)
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        """The Job JSON of the kept job with this idempotency key."""
+        ...
+
+    async def enqueue(self, jobs: list[NewJob], progress: Any = None) -> list[tuple[str, str, bool]]:
+        """Queues jobs, or finds the kept job with the same key; (id, Job JSON, created) each,
+        committed on return. A key's kept job is given as it is now."""
         ...
 
     # -- the queue
-    def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
-        """The next `limit` queued jobs by priority (highest first) then age, leaving out `skip`."""
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
+        """Up to `limit` queued jobs by priority (highest first) then age, now this host's to run
+        until they end, are retried or released. `skip`: ids this host holds already (a backend
+        whose claim leaves the job queued, SQLite's, needs them)."""
+        ...
+
+    def release(self, jobs: list[Claimed]) -> None:
+        """Claimed jobs that never started go back to the queue as they were."""
         ...
 
     def start(self, seq: int, started_at: float, worker: str) -> None:
-        """queued → running, counting the attempt (`worker` is JSON text)."""
+        """A claimed job's attempt began: running, the attempt counted (`worker` is JSON text)."""
         ...
 
     def finish(self, c: Claimed, state: str, started_at: float, worker: str, start_written: bool, *,
@@ -127,8 +145,7 @@ class JobStore(Protocol):
                progress: dict[str, Any] | None = None) -> None:
         """The attempt `c` ends in a final state; discarded unless the job is still that attempt's.
 
-        `start_written` False: its start was never written, so the job is still queued with
-        `c.attempts`; the end counts the attempt too.
+        `start_written` False: its start was never written; the end counts the attempt too.
         """
         ...
 
@@ -140,53 +157,63 @@ class JobStore(Protocol):
         """
         ...
 
-    def cancel(self, jid: str, progress: dict[str, Any] | None = None) -> str | None:
-        """queued or running → cancelled; the state it left (None if not found or final)."""
+    async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
+                     queued_only: bool = False) -> str | None:
+        """queued or running → cancelled. The state it was in (a final one: nothing changed);
+        None if there is no such job. `queued_only`: a job whose attempt began is left running."""
         ...
 
-    def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
+    async def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
         """At start: a previous instance's running jobs are retried or failed as interrupted;
         (retried, failed). `started`: seq → (attempts, time) of attempts begun but maybe unrecorded."""
         ...
 
-    def expire(self, ttl: float) -> int:
+    async def expire(self, ttl: float) -> int:
         """Forgets jobs that finished more than ttl seconds ago; how many."""
         ...
 
     # -- reads (committed data only)
-    def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
+    async def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
         """(state, Job JSON) of one job; `progress(id)` may give live progress JSON for a running one."""
         ...
 
-    def get(self, jid: str) -> dict[str, Any] | None:
+    async def get(self, jid: str) -> dict[str, Any] | None:
         """One job as a dict (tests and tools)."""
         ...
 
-    def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
+    async def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
         """Up to `limit` jobs (of `state`, if given) newest first, as Job JSON texts."""
         ...
 
-    def states(self, ids: list[str]) -> dict[str, str]:
+    async def states(self, ids: list[str]) -> dict[str, str]:
         """{id: state} for the known ids among `ids`."""
         ...
 
-    def finished_json(self, ids: list[str]) -> list[str]:
+    async def finished_json(self, ids: list[str]) -> list[str]:
         """The finished jobs among `ids`, as Job JSON texts (in no particular order)."""
         ...
 
-    def state_of(self, jid: str) -> str | None:
-        """The state as this process last wrote it (uncommitted included)."""
-        ...
-
-    def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, int]:
         """Jobs per state, every state present."""
         ...
 
     # -- process records (a previous instance's leftovers)
-    def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+    async def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
         """Replaces the recorded (pid, create time, role) of this instance's processes."""
         ...
 
-    def recorded_processes(self) -> list[tuple[int, float, str]]:
+    async def recorded_processes(self) -> list[tuple[int, float, str]]:
         """The processes recorded last, maybe by a previous instance."""
+        ...
+
+
+class Cluster(Protocol):
+    """The hosts sharing one store (PostgreSQL): what GET /v1/hosts and /v1/workers?all=true show."""
+
+    async def listing(self) -> list[dict[str, Any]]:
+        """Every host: name, started_at, last_seen, workers, running, state."""
+        ...
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The workers of every live host, as each last reported them."""
         ...

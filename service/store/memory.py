@@ -57,6 +57,7 @@ class MemoryStore:
     """service.store.base.JobStore over dicts; see the module docstring."""
 
     path = ":memory:"
+    start_ledger = None
     healthy = True
     last_error = ""
 
@@ -102,6 +103,16 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    async def aclose(self) -> None:
+        pass
+
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        j = self._keys.get(key)
+        return None if j is None else self._json(j, progress)
+
+    async def enqueue(self, jobs: list[NewJob], progress: Any = None) -> list[tuple[str, str, bool]]:
+        return self.enqueue_many(jobs)
+
     # -- enqueue
     def by_key(self, key: str) -> tuple[Any, ...] | None:
         j = self._keys.get(key)
@@ -124,6 +135,12 @@ class MemoryStore:
         return out
 
     # -- the queue
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
+        return self.next_queued(limit, skip)
+
+    def release(self, jobs: list[Claimed]) -> None:
+        pass  # still queued
+
     def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
         order = sorted(self._queue.values(), key=lambda j: (-j.priority, j.seq))
         return [j.claimed() for j in order if j.id not in skip][:limit]
@@ -157,10 +174,11 @@ class MemoryStore:
         self._set(j, "queued")
         j.error = json.dumps(error)
 
-    def cancel(self, jid: str, progress: dict[str, Any] | None = None) -> str | None:
+    async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
+                     queued_only: bool = False) -> str | None:
         j = self._jobs.get(jid)
-        if j is None or j.state not in ("queued", "running"):
-            return None
+        if j is None or j.state not in ("queued", "running") or (queued_only and j.state == "running"):
+            return None if j is None else j.state
         left = j.state
         self._set(j, "cancelled")
         j.finished_at = time.time()
@@ -168,7 +186,7 @@ class MemoryStore:
             j.progress = json.dumps(progress)
         return left
 
-    def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
+    async def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
         for seq, (attempts, t) in (started or {}).items():
             j = self._by_seq.get(seq)
             if j is not None and j.state == "queued" and j.attempts == attempts:
@@ -188,7 +206,7 @@ class MemoryStore:
                 failed += 1
         return retried, failed
 
-    def expire(self, ttl: float) -> int:
+    async def expire(self, ttl: float) -> int:
         cutoff = time.time() - ttl
         old = [j for j in self._jobs.values() if j.finished_at is not None and j.finished_at < cutoff]
         for j in old:
@@ -202,15 +220,15 @@ class MemoryStore:
     def _json(self, j: _Job, progress: Any) -> str:
         return job_json(j.row(), progress(j.id) if progress and j.state == "running" else None)
 
-    def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
+    async def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
         j = self._jobs.get(jid)
         return None if j is None else (j.state, self._json(j, progress))
 
-    def get(self, jid: str) -> dict[str, Any] | None:
-        found = self.get_json(jid)
+    async def get(self, jid: str) -> dict[str, Any] | None:
+        found = await self.get_json(jid)
         return None if found is None else dict(json.loads(found[1]))
 
-    def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
+    async def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
         out: list[str] = []
         for j in reversed(self._jobs.values()):
             if len(out) == limit:
@@ -219,10 +237,10 @@ class MemoryStore:
                 out.append(self._json(j, progress))
         return out
 
-    def states(self, ids: list[str]) -> dict[str, str]:
+    async def states(self, ids: list[str]) -> dict[str, str]:
         return {i: self._jobs[i].state for i in ids if i in self._jobs}
 
-    def finished_json(self, ids: list[str]) -> list[str]:
+    async def finished_json(self, ids: list[str]) -> list[str]:
         found = (self._jobs.get(i) for i in dict.fromkeys(ids))
         return [job_json(j.row()) for j in found if j is not None and j.state in FINAL_STATES]
 
@@ -230,17 +248,17 @@ class MemoryStore:
         j = self._jobs.get(jid)
         return None if j is None else j.state
 
-    def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
         for j in self._jobs.values():
             out[j.state] = out.get(j.state, 0) + 1
         return out
 
     # -- process records
-    def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+    async def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
         self._procs = [(p, c, r) for (p, c), r in {(p, c): r for p, c, r in procs}.items()]
 
-    def recorded_processes(self) -> list[tuple[int, float, str]]:
+    async def recorded_processes(self) -> list[tuple[int, float, str]]:
         return list(self._procs)
 
 

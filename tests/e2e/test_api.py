@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
+from tests.support import postgres
 from tests.support.daemon import (
     ERROR_TYPES,
     JOB_FIELDS,
@@ -35,6 +36,8 @@ from tests.support.daemon import (
     wait_for,
 )
 
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
 WORKER_NAMES = {"poold: worker 1", "poold: worker 2"}
 TOKEN = "s3cret-token"
 
@@ -42,10 +45,11 @@ TOKEN = "s3cret-token"
 # -- fixtures
 
 
-@pytest.fixture(scope="module")
-def shared_daemon(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"], ids=["store=sqlite", "store=postgres"])
+def shared_daemon(request, tmp_path_factory):
     # tests.no_such_module is allowed so that a missing module is "not found", not "not allowed"
-    cfg = {"jobs": {"allow": ["service.demo:*", "tests.support.jobs:*", "tests.no_such_module:*"]}}
+    cfg = {"jobs": {"allow": ["service.demo:*", "tests.support.jobs:*", "tests.no_such_module:*"]},
+           **store_cfg(request, request.param)}
     with running_daemon(tmp_path_factory.mktemp("api"), cfg=cfg) as d:
         yield d
 
@@ -81,6 +85,14 @@ def token_daemon(tmp_path_factory):
         assert finished["state"] == "succeeded", finished
         d.notes["finished_id"] = finished["id"]
         yield d
+
+
+def store_cfg(request, kind: str) -> dict:
+    """The config that puts a daemon on `kind`'s store (a fresh schema on the session's server)."""
+    if kind == "sqlite":
+        return {}
+    server = request.getfixturevalue("pg_server")
+    return {"store": {"url": server.url(), "schema": postgres.fresh_schema()}}
 
 
 def single(daemon_factory, **cfg) -> Daemon:
@@ -597,6 +609,7 @@ AUTH_ENDPOINTS = [
     ("GET", "/v1/jobs/{id}?wait=1", None),
     ("DELETE", "/v1/jobs/{id}", None),
     ("GET", "/v1/workers", None),
+    ("GET", "/v1/hosts", None),
     ("GET", "/metrics", None),
     ("GET", "/openapi.json", None),
 ]

@@ -49,7 +49,7 @@ TS_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 TERMINAL = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 JOB_FIELDS = ("id", "fn", "args", "kwargs", "state", "priority", "timeout", "retries", "attempts",
               "key", "created_at", "started_at", "finished_at", "worker", "result", "error", "progress")
-WORKER_FIELDS = ("pid", "name", "state", "job", "rss_bytes", "tasks_done", "started_at")
+WORKER_FIELDS = ("pid", "name", "state", "job", "rss_bytes", "tasks_done", "started_at", "host")
 ERROR_TYPES = ("exception", "timeout", "worker_died", "unserializable_result", "result_too_large",
                "interrupted")
 

@@ -133,6 +133,7 @@ PATHS = [
     "/v1/jobs/wait",
     "/v1/jobs/{id}",
     "/v1/workers",
+    "/v1/hosts",
     "/health",
     "/metrics",
     "/openapi.json",

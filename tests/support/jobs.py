@@ -566,3 +566,19 @@ def forked_title(own=None):
     setproctitle.setproctitle(before)
     with os.fdopen(r, "rb") as f:
         return f.read().decode()
+
+
+# -- runs counted from the jobs' own records (the cluster tests)
+def logged(path, seconds=0.0):
+    """Appends this run's start, a tick every 50 ms, and its end (job id, pid, time) to `path`,
+    one line each: a run that was killed ended at its last tick."""
+    jid = os.environ.get("POOLD_JOB_ID", "?")
+    end = time.time() + seconds
+    kind = "start"
+    while True:
+        with open(path, "a") as f:
+            f.write(f"{kind} {jid} {os.getpid()} {time.time()}\n")
+        if kind == "end":
+            return jid
+        time.sleep(max(0.0, min(0.05, end - time.time())))
+        kind = "end" if time.time() >= end else "tick"

@@ -16,7 +16,8 @@ from service.config import ConfigError, load
 
 DEFAULT_TOML = Path(__file__).resolve().parents[2] / "config" / "poold.toml"
 SECTIONS = {"server": config.ServerConfig, "pool": config.PoolConfig, "jobs": config.JobsConfig,
-            "store": config.StoreConfig, "supervisor": config.SupervisorConfig, "log": config.LogConfig}
+            "store": config.StoreConfig, "cluster": config.ClusterConfig,
+            "supervisor": config.SupervisorConfig, "log": config.LogConfig}
 
 
 def write(tmp_path: Path, text: str, name: str = "poold.toml") -> Path:

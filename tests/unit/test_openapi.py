@@ -22,6 +22,7 @@ CONTRACT_OPERATIONS = {
     ("delete", "/v1/jobs/{id}"), ("get", "/v1/jobs"), ("get", "/v1/workers"), ("get", "/health"),
     ("get", "/metrics"), ("get", "/openapi.json"),
     ("post", "/v1/jobs/wait"),  # the second part, "What changes in the first part"
+    ("get", "/v1/hosts"),  # the second part, "Many hosts on one PostgreSQL database"
 }
 # CONTRACT.md, "HTTP API": the error table, status -> codes
 CONTRACT_ERRORS = {
@@ -109,7 +110,8 @@ def test_every_error_response_uses_its_statuses_codes(doc: dict[str, Any]) -> No
     ("get", "/v1/jobs/{id}", {"200", "401", "404", "422"}),
     ("delete", "/v1/jobs/{id}", {"200", "401", "404", "409"}),
     ("get", "/v1/jobs", {"200", "401"}),
-    ("get", "/v1/workers", {"200", "401"}),
+    ("get", "/v1/workers", {"200", "401", "422"}),
+    ("get", "/v1/hosts", {"200", "401"}),
     ("get", "/health", {"200", "503"}),
     ("get", "/metrics", {"200", "401"}),
     ("get", "/openapi.json", {"200", "401"}),
@@ -214,7 +216,7 @@ def test_job_schema_matches_contract(doc: dict[str, Any]) -> None:
 def test_worker_and_health_schemas(doc: dict[str, Any]) -> None:
     worker = _schema(doc, "Worker")
     sample = {"pid": 7, "name": "poold: worker 2", "state": "idle", "job": None, "rss_bytes": 1 << 20,
-              "tasks_done": 3, "started_at": "2026-11-24T12:00:00.000000Z"}
+              "tasks_done": 3, "started_at": "2026-11-24T12:00:00.000000Z", "host": "box:8321"}
     worker.validate(sample)
     worker.validate(sample | {"state": "busy", "job": "abc"})
     assert set(doc["components"]["schemas"]["Worker"]["required"]) == set(sample)

@@ -72,6 +72,7 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.start_ledger = None if path == ":memory:" else path
         self._d = Database(path, _SCHEMA)
         self._d.on_reset = self._recount
         self.queued = 0
@@ -125,6 +126,9 @@ class Store:
     def close(self) -> None:
         self._d.close()
 
+    async def aclose(self) -> None:
+        self._d.close()
+
     # -- enqueue
     def by_key(self, key: str) -> tuple[Any, ...] | None:
         """The kept job with this idempotency key (uncommitted ones included), as a row."""
@@ -160,7 +164,30 @@ class Store:
             self.queued += len(rows)
         return out
 
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        row = self.by_key(key)
+        if row is None:
+            return None
+        await self.committed()  # it may be a job enqueued a moment ago, not yet committed
+        found = await self.get_json(row[1], progress)
+        return None if found is None else found[1]
+
+    async def enqueue(self, jobs: list[NewJob], progress: Any = None) -> list[tuple[str, str, bool]]:
+        out = self.enqueue_many(jobs)
+        await self.committed()
+        for i, (jid, _, created) in enumerate(out):
+            if not created and (found := await self.get_json(jid, progress)) is not None:
+                out[i] = (jid, found[1], False)  # the kept job as it is now
+        return out
+
     # -- the queue
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
+        """The claim is the caller's `skip` set: the jobs stay queued here until they start."""
+        return self.next_queued(limit, skip)
+
+    def release(self, jobs: list[Claimed]) -> None:
+        pass  # still queued in the table
+
     def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
         """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
         self._flush()
@@ -252,20 +279,21 @@ class Store:
             sql, params = sql + " AND attempts = ?", (*params, attempts + 1)
         self.queued += self._keep(sql, params)
 
-    def cancel(self, jid: str, progress: dict[str, Any] | None = None) -> str | None:
-        """queued or running → cancelled; returns the state it left (None if not found or final).
+    async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
+                     queued_only: bool = False) -> str | None:
+        """queued or running → cancelled; returns the state it was in (None if not found).
         `progress`: a running job's last report, which lives in memory until its end."""
         self._flush()
         row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
-        if row is None or row[0] not in ("queued", "running"):
-            return None
+        if row is None or row[0] not in ("queued", "running") or (queued_only and row[0] == "running"):
+            return None if row is None else str(row[0])
         self._keep("UPDATE jobs SET state = 'cancelled', finished_at = ?, progress = COALESCE(?, progress)"
                    " WHERE id = ? AND state IN ('queued', 'running')", (time.time(), _dumps(progress), jid))
         if row[0] == "queued":
             self.queued -= 1
         return str(row[0])
 
-    def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
+    async def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
         """At start: running jobs of a previous instance are retried, or failed as interrupted.
 
         `started` (service.engine.ledger.read) holds the attempts workers began: one the store still has
@@ -286,7 +314,7 @@ class Store:
         self.queued += retried
         return retried, failed
 
-    def expire(self, ttl: float) -> int:
+    async def expire(self, ttl: float) -> int:
         """Deletes finished jobs older than ttl seconds."""
         self._flush()
         cutoff = time.time() - ttl
@@ -298,7 +326,7 @@ class Store:
         return self._write("DELETE FROM jobs WHERE finished_at < ?", (cutoff,)).rowcount
 
     # -- reads (committed data only, as Job JSON text)
-    def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
+    async def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
         """(state, Job JSON) of one job; `progress(id)` may give live progress JSON for a running one."""
         if (hit := self._recent.get(jid)) is not None:
             return hit[0], hit[2]
@@ -307,11 +335,11 @@ class Store:
             return None
         return row[5], job_json(row, progress(jid) if progress and row[5] == "running" else None)
 
-    def get(self, jid: str) -> dict[str, Any] | None:
-        found = self.get_json(jid)
+    async def get(self, jid: str) -> dict[str, Any] | None:
+        found = await self.get_json(jid)
         return None if found is None else dict(json.loads(found[1]))
 
-    def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
+    async def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
         """Jobs newest first, as JSON texts."""
         if state is None:
             rows = self._d.ro.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
@@ -320,7 +348,7 @@ class Store:
                 f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
         return [job_json(r, progress(r[1]) if progress and r[5] == "running" else None) for r in rows]
 
-    def states(self, ids: list[str]) -> dict[str, str]:
+    async def states(self, ids: list[str]) -> dict[str, str]:
         """{id: state} for the known ids among `ids`."""
         recent = self._recent
         out: dict[str, str] = {i: recent[i][0] for i in ids if i in recent}
@@ -332,7 +360,7 @@ class Store:
             out.update(rows.fetchall())
         return out
 
-    def finished_json(self, ids: list[str]) -> list[str]:
+    async def finished_json(self, ids: list[str]) -> list[str]:
         """The finished jobs among `ids`, as JSON texts (in no particular order)."""
         recent = self._recent
         out: list[str] = [recent[i][2] for i in ids if i in recent]
@@ -350,18 +378,18 @@ class Store:
         row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
         return None if row is None else str(row[0])
 
-    def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, int]:
         rows = self._d.ro.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {s: 0 for s in STATES} | {str(s): int(n) for s, n in rows}
 
     # -- process records (a previous instance's leftovers)
-    def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+    async def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
         self._flush()
         self._write("DELETE FROM processes")
         for pid, ctime, role in procs:
             self._write("INSERT OR REPLACE INTO processes VALUES (?, ?, ?)", (pid, ctime, role))
 
-    def recorded_processes(self) -> list[tuple[int, float, str]]:
+    async def recorded_processes(self) -> list[tuple[int, float, str]]:
         return [(int(p), float(c), str(r)) for p, c, r in
                 self._d.rw.execute("SELECT pid, create_time, role FROM processes").fetchall()]
 

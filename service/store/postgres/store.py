@@ -1,0 +1,382 @@
+"""The job store on PostgreSQL: several hosts, one queue (service.store.base.JobStore).
+
+A job is claimed (`queued → running` under this instance's id, FOR UPDATE SKIP
+LOCKED) before it is handed to a worker, and every end of its attempt is written
+`WHERE claim = this instance AND attempts = that attempt`: a host that lost the job
+(declared dead, its job rescued by another host) has its late answer discarded.
+The writes of running jobs (start, finish, retry, release) are gathered and
+committed together, as SQLite's group commit does, and kept for the next try when
+the database cannot be reached. Other hosts hear of new, ended and cancelled jobs
+by NOTIFY (service.store.postgres.listener).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import asyncpg
+
+from service.model import FINAL_STATES, STATES, ErrorType, job_error
+from service.store.base import Claimed, JobStore, NewJob, StoreError, new_id
+from service.store.postgres import notices
+from service.store.postgres import queries as q
+from service.store.postgres.hosts import Hosts
+from service.store.postgres.schema import connect_pool, migrate
+from service.store.sqlite.jobjson import job_json
+
+log = logging.getLogger("poold.store")
+
+# the database cannot be reached (down, restarting, cut off): 503 store_unavailable, retried
+_FAILURES = (OSError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
+             asyncpg.InterfaceError, TimeoutError)
+
+
+class Op(NamedTuple):
+    """One gathered write: its statement and arguments."""
+
+    sql: str
+    args: tuple[Any, ...]
+
+
+class PgStore:
+    """See the module docstring. `open()` before use; `instance` is this start's claim token."""
+
+    start_ledger = None  # every start is in the database before the job reaches a worker
+
+    def __init__(self, url: str, schema: str, where: str, host_name: str) -> None:
+        self._url, self.schema, self.path, self.host_name = url, schema, where, host_name
+        self.instance = new_id()
+        self.channel = notices.channel(schema)
+        self.pool: asyncpg.Pool | None = None
+        self.healthy, self.last_error = True, ""
+        self._queued = 0
+        self._pending: list[Op] = []
+        self._ended: list[str] = []  # ids ended by the pending writes (NOTIFY "e")
+        self._requeued = False  # the pending writes put jobs back in the queue (NOTIFY "q")
+        self._written = self._done = 0  # writes asked for, and committed, so far
+        self._waiters: list[tuple[int, asyncio.Future[None] | Callable[[], None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.hosts = Hosts(self)
+
+    # -- life
+    async def open(self) -> None:
+        try:
+            self.pool = await connect_pool(self._url, self.schema)
+            await migrate(self.pool, self.schema)
+            await self.refresh_queued()
+            await self.hosts.register()
+        except _FAILURES as e:
+            if self.pool is not None:
+                await self.pool.close()
+            raise StoreError(f"cannot use the database {self.path}: {_say(e)}") from None
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    async def refresh_queued(self) -> None:
+        """The cluster's queued count (another host's submits are not seen otherwise)."""
+        self._queued = int(await self.fetchval(q.COUNT_QUEUED))
+
+    def _failed(self, e: BaseException) -> StoreError:
+        if self.healthy:
+            log.error("the database cannot be reached: %s", _say(e))
+        self.healthy, self.last_error = False, _say(e)
+        return StoreError(self.last_error)
+
+    def _ok(self) -> None:
+        if not self.healthy:
+            log.info("the database is reachable again")
+        self.healthy, self.last_error = True, ""
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        assert self.pool is not None
+        try:
+            rows: list[asyncpg.Record] = await self.pool.fetch(sql, *args)
+        except _FAILURES as e:
+            raise self._failed(e) from None
+        self._ok()
+        return rows
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        rows = await self.fetch(sql, *args)
+        return rows[0][0] if rows else None
+
+    async def tx(self, body: Callable[[asyncpg.Connection], Any]) -> Any:
+        """Runs `await body(conn)` in one transaction; a failure to reach the database is StoreError."""
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                out = await body(conn)
+        except _FAILURES as e:
+            raise self._failed(e) from None
+        self._ok()
+        return out
+
+    # -- gathered writes (start, finish, retry, release)
+    def _add(self, op: Op) -> None:
+        self._pending.append(op)
+        self._written += 1
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(),
+                                                                   name="poold store writes")
+
+    async def _flush_loop(self) -> None:
+        """Commits what is pending, again and again, until nothing is; backs off while down."""
+        pause = 0.0
+        try:
+            while self._pending:
+                await asyncio.sleep(pause)  # 0 the first time: what this loop iteration writes joins
+                ops, ended, requeued, upto = self._pending, self._ended, self._requeued, self._written
+                self._pending, self._ended, self._requeued = [], [], False
+                try:
+                    await self.tx(functools.partial(self._write, ops=ops, ended=ended, requeued=requeued))
+                except StoreError as e:
+                    self._pending, self._ended = ops + self._pending, ended + self._ended
+                    self._requeued = self._requeued or requeued
+                    self._settle(upto, e)
+                    pause = min(max(2 * pause, 0.1), 2.0)
+                    continue
+                pause = 0.0
+                self._done = upto
+                self._settle(upto, None)
+        finally:
+            self._flusher = None
+
+    async def _write(self, conn: asyncpg.Connection, *, ops: list[Op], ended: list[str],
+                     requeued: bool) -> None:
+        i = 0
+        while i < len(ops):  # runs of one statement go as one executemany, in their order
+            j = i
+            while j < len(ops) and ops[j].sql is ops[i].sql:
+                j += 1
+            await conn.executemany(ops[i].sql, [o.args for o in ops[i:j]])
+            i = j
+        for payload in notices.encode("e", ended) + (["q"] if requeued else []):
+            await conn.execute(q.NOTIFY, self.channel, payload)
+        if requeued:  # a discarded retry or release must not count: counted afresh
+            self._queued = int(await conn.fetchval(q.COUNT_QUEUED))
+
+    def _settle(self, upto: int, error: StoreError | None) -> None:
+        """Wakes committed() callers (with the error, if it failed) and runs after_commit callbacks."""
+        keep: list[tuple[int, asyncio.Future[None] | Callable[[], None]]] = []
+        for target, w in self._waiters:
+            if isinstance(w, asyncio.Future):
+                if w.done():
+                    continue
+                if error is not None:
+                    w.set_exception(StoreError(str(error)))
+                elif target <= upto:
+                    w.set_result(None)
+                else:
+                    keep.append((target, w))
+            elif error is None and target <= upto:
+                w()
+            else:
+                keep.append((target, w))
+        self._waiters = keep
+
+    async def committed(self) -> None:
+        if self._done >= self._written:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._written, fut))
+        await fut
+
+    def after_commit(self, cb: Callable[[], None]) -> None:
+        if self._done >= self._written:
+            asyncio.get_running_loop().call_soon(cb)
+        else:
+            self._waiters.append((self._written, cb))
+
+    def repair(self) -> None:
+        pass  # the pool reconnects by itself; pending writes retry on their own
+
+    def checkpoint(self) -> None:
+        pass
+
+    def probe(self) -> bool:
+        return self.healthy
+
+    def close(self) -> None:
+        pass  # see aclose
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            try:
+                await asyncio.wait_for(self.committed(), 5.0)
+            except (StoreError, TimeoutError):
+                log.error("%d writes could not be committed before the store closed", len(self._pending))
+            if self._flusher is not None:
+                self._flusher.cancel()
+        if self.pool is not None:
+            await self.pool.close()
+
+    # -- enqueue
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        rows = await self.fetch(q.BY_KEYS, [key])
+        return _json(rows[0], progress) if rows else None
+
+    async def enqueue(self, jobs: list[NewJob], progress: Any = None) -> list[tuple[str, str, bool]]:
+        now = time.time()
+        first: dict[str, int] = {}  # key -> index of its first job in this call (it wins)
+        fresh: list[tuple[int, str, NewJob]] = []
+        for i, j in enumerate(jobs):
+            if j.key is not None and j.key in first:
+                continue
+            if j.key is not None:
+                first[j.key] = i
+            fresh.append((i, new_id(), j))
+        cols = list(zip(*[(jid, j.fn, j.args, j.kwargs, "queued", j.priority, j.timeout, j.retries, j.key,
+                           now) for _, jid, j in fresh], strict=True))
+
+        async def body(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+            made = await conn.fetch(q.INSERT_JOBS, *cols)
+            if made:
+                await conn.execute(q.NOTIFY, self.channel, "q")
+            made_ids = {r["id"] for r in made}
+            lost = [j.key for _, jid, j in fresh if jid not in made_ids and j.key is not None]
+            kept = await conn.fetch(q.BY_KEYS, lost) if lost else []
+            return made, kept
+
+        made, kept = await self.tx(body)
+        self._queued += len(made)
+        by_id = {r["id"]: _json(r) for r in made}
+        by_key = {r["key"]: (r["id"], _json(r, progress)) for r in kept}
+        out: list[tuple[str, str, bool]] = [("", "", False)] * len(jobs)
+        for i, jid, j in fresh:
+            if jid in by_id:
+                out[i] = (jid, by_id[jid], True)
+            elif j.key in by_key:  # kept by another job (maybe another host's, a moment ago)
+                out[i] = (*by_key[j.key], False)
+            else:  # its key's job expired between the two statements: rare; say it plainly
+                raise StoreError(f"the job with key {j.key!r} changed while it was submitted; submit again")
+        for i, j in enumerate(jobs):
+            if j.key is not None and first[j.key] != i:
+                jid, text, _ = out[first[j.key]]
+                out[i] = (jid, text, False)
+        return out
+
+    # -- the queue
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
+        await self.committed()  # this host's retries and releases first: they may be claimed again
+        rows = await self.fetch(q.CLAIM, limit, self.instance)
+        self._queued = max(0, self._queued - len(rows))
+        return sorted((Claimed(*r) for r in rows), key=lambda c: (-c.priority, c.seq))
+
+    def release(self, jobs: list[Claimed]) -> None:
+        for c in jobs:
+            self._add(Op(q.RELEASE, (c.seq, c.attempts + 1, self.instance)))
+        self._requeued = self._requeued or bool(jobs)
+
+    def start(self, seq: int, started_at: float, worker: str) -> None:
+        self._add(Op(q.START, (seq, started_at, worker, self.instance)))
+
+    def finish(self, c: Claimed, state: str, started_at: float, worker: str, start_written: bool, *,
+               result_json: str | None = None, error: dict[str, Any] | None = None,
+               progress: dict[str, Any] | None = None) -> None:
+        self._add(Op(q.FINISH, (state, result_json, _dumps(error), _dumps(progress), time.time(), started_at,
+                                worker, c.seq, c.attempts + 1, self.instance)))
+        self._ended.append(c.id)
+
+    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
+        token = None if attempts is None else attempts + 1
+        self._add(Op(q.RETRY, (seq, json.dumps(error), self.instance, token)))
+        self._requeued = True
+
+    async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
+                     queued_only: bool = False) -> str | None:
+        await self.committed()  # an end of the job written here a moment ago comes first
+
+        async def body(conn: asyncpg.Connection) -> str | None:
+            row = await conn.fetchrow(q.CANCEL_LOCK, jid)
+            if row is None:
+                return None
+            seq, state, began, _ = row
+            if state not in ("queued", "running") or (queued_only and state == "running" and began):
+                return str(state)
+            await conn.execute(q.CANCEL, seq, time.time(), _dumps(progress))
+            for payload in notices.encode("c" if state == "running" else "e", [jid]):
+                await conn.execute(q.NOTIFY, self.channel, payload)
+            return str(state)
+
+        left: str | None = await self.tx(body)
+        if left == "queued":
+            self._queued = max(0, self._queued - 1)
+        return left
+
+    async def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
+        """Claims no live host holds (a previous instance's, once its row was taken over)."""
+        err = json.dumps(job_error(ErrorType.INTERRUPTED, "the daemon stopped while the job ran"))
+        rows = await self.fetch(q.RESCUE_ORPHANS, err, time.time())
+        return _tally(rows)
+
+    async def expire(self, ttl: float) -> int:
+        return int((await self.fetchval(
+            "WITH gone AS (" + q.EXPIRE + " RETURNING 1) SELECT count(*) FROM gone", time.time() - ttl)) or 0)
+
+    # -- reads
+    async def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
+        rows = await self.fetch(q.GET, jid)
+        return (rows[0]["state"], _json(rows[0], progress)) if rows else None
+
+    async def get(self, jid: str) -> dict[str, Any] | None:
+        found = await self.get_json(jid)
+        return None if found is None else dict(json.loads(found[1]))
+
+    async def list_json(self, state: str | None, limit: int, progress: Any = None) -> list[str]:
+        if state is None:
+            rows = await self.fetch(q.LIST, limit)
+        else:
+            rows = await self.fetch(q.LIST_STATE, state, limit)
+        return [_json(r, progress) for r in rows]
+
+    async def states(self, ids: list[str]) -> dict[str, str]:
+        return {r[0]: r[1] for r in await self.fetch(q.STATES, ids)} if ids else {}
+
+    async def finished_json(self, ids: list[str]) -> list[str]:
+        return [_json(r) for r in await self.fetch(q.FINISHED, ids, list(FINAL_STATES))] if ids else []
+
+    async def counts(self) -> dict[str, int]:
+        return dict.fromkeys(STATES, 0) | {r[0]: int(r[1]) for r in await self.fetch(q.COUNTS)}
+
+    async def not_running_here(self, ids: list[str]) -> list[str]:
+        """Those of `ids` this instance no longer holds as running (cancelled, rescued elsewhere)."""
+        return [r[0] for r in await self.fetch(q.NOT_RUNNING, ids, self.instance)] if ids else []
+
+    # -- process records: kept per host, in its row (see service.store.postgres.hosts)
+    async def record_processes(self, procs: list[tuple[int, float, str]]) -> None:
+        await self.fetch(q.SET_PROCESSES, self.host_name, self.instance, json.dumps(procs))
+
+    async def recorded_processes(self) -> list[tuple[int, float, str]]:
+        text = await self.fetchval(q.GET_PROCESSES, self.host_name)
+        return [(int(p), float(c), str(r)) for p, c, r in json.loads(text)] if text else []
+
+
+def _json(row: asyncpg.Record, progress: Any = None) -> str:
+    return job_json(tuple(row), progress(row["id"]) if progress and row["state"] == "running" else None)
+
+
+def _dumps(v: Any) -> str | None:
+    return None if v is None else json.dumps(v)
+
+
+def _tally(rows: list[asyncpg.Record]) -> tuple[int, int]:
+    retried = sum(1 for r in rows if r[1] == "queued")
+    return retried, len(rows) - retried
+
+
+def _say(e: BaseException) -> str:
+    """An error for logs and /health: its type and text, never the URL (which may hold a password)."""
+    text = str(e).strip() or "no answer"
+    return f"{type(e).__name__}: {text}"
+
+
+if TYPE_CHECKING:  # mypy holds the backend to the protocol
+    _check: JobStore = PgStore("", "", "", "")
