@@ -1,6 +1,7 @@
 """Crash loop under load: no accepted job is lost when the daemon is SIGKILLed again and again.
 
     python -m bench.crashloop [--quick] [--restarts 20] [--submitters 32] [--workers 2] [--seed N]
+    python -m bench.crashloop --cluster   # three hosts on one PostgreSQL, others SIGKILLed / SIGSTOPped
 
 Submitter threads (http.client, one keep-alive connection each) send single jobs and batches,
 some with retries, some with idempotency keys (re-sent with the same key until answered), while
@@ -20,6 +21,7 @@ tests/e2e/test_reliability.py, which drives the test suite's `Daemon`.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
@@ -45,7 +47,9 @@ TAG_VAR = "BENCH_CRASHLOOP_TAG"  # inherited by the daemon and all it starts: fi
 class BenchDaemon:
     """A poold on a fixed port and store, SIGKILLed and started again by the crash loop."""
 
-    def __init__(self, tmp: Path, workers: int) -> None:
+    def __init__(self, tmp: Path, workers: int, extra: dict[str, dict[str, Any]] | None = None) -> None:
+        """`extra`: more configuration (a [store] url and a [cluster] table make it a cluster host)."""
+        tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.port = free_port()
         self.store = str(tmp / "crashloop.db")
@@ -61,6 +65,10 @@ class BenchDaemon:
             "supervisor": {"interval": 0.5, "kill_grace": 1.0, "shutdown_grace": 5.0},
             "log": {"level": "info"},
         }
+        for sec, vals in (extra or {}).items():
+            cfg.setdefault(sec, {}).update(vals)
+        if cfg["store"].get("url"):
+            self.store = cfg["store"]["url"]
         lines = []
         for sec, vals in cfg.items():
             lines.append(f"[{sec}]")
@@ -132,6 +140,91 @@ class BenchDaemon:
                 p.kill()
 
 
+class Cluster:
+    """Three hosts on one PostgreSQL database; the crash loop's Controller. Submitters talk to
+    the first; each "kill" disrupts one of the other two in turn: a SIGKILL (it is started again
+    at once), or a SIGSTOP of its main process for host_timeout + 1 s (its workers run on)."""
+
+    def __init__(self, hosts: list[BenchDaemon], host_timeout: float) -> None:
+        self.hosts, self.host_timeout = hosts, host_timeout
+        self.port, self.store = hosts[0].port, hosts[0].store
+        self.round = 0
+        self.victim: tuple[BenchDaemon, str] | None = None
+        self.events: collections.Counter[str] = collections.Counter()
+
+    def kill(self) -> None:
+        if self.victim is None:  # one disruption at a time, in turn
+            d = self.hosts[1 + self.round % 2]
+            how = "SIGKILL" if (self.round // 2) % 2 == 0 else "SIGSTOP"
+            self.round += 1
+            assert d.proc is not None
+            if how == "SIGKILL":
+                d.kill()
+            else:
+                os.kill(d.proc.pid, signal.SIGSTOP)
+            self.victim = (d, how)
+            self.events[how] += 1
+
+    def start(self) -> Cluster:
+        if self.victim is not None:
+            d, how = self.victim
+            self.victim = None
+            if how == "SIGKILL":
+                d.start()
+            else:
+                time.sleep(self.host_timeout + 1.0)
+                assert d.proc is not None
+                os.kill(d.proc.pid, signal.SIGCONT)
+            return self
+        for d in self.hosts:
+            if d.proc is None or d.proc.poll() is not None:
+                d.start()
+        return self
+
+    def stop(self) -> int | None:
+        for d in self.hosts:
+            d.stop()
+        return 0
+
+
+def cluster_run(a: argparse.Namespace, tmp: Path) -> int:
+    """The crash loop on three hosts sharing a throwaway PostgreSQL server."""
+    from tests.support import postgres
+
+    if (why := postgres.available()) is not None:
+        print(f"bench.crashloop --cluster: {why}", file=sys.stderr)
+        return 2
+    server = postgres.PgServer()
+    server.start()
+    timing = {"heartbeat_interval": 0.5, "host_timeout": 2.0}
+    store = {"url": server.url(), "schema": "crashloop"}
+    hosts = [BenchDaemon(tmp / f"h{i + 1}", a.workers,
+                         {"store": store, "cluster": {"name": f"h{i + 1}", **timing}}) for i in range(3)]
+    ctl = Cluster(hosts, timing["host_timeout"])
+    left: list[psutil.Process] = []
+    try:
+        ctl.start()
+        res = run(ctl, record=str(tmp / "executions.log"), submitters=a.submitters, restarts=a.restarts,
+                  seed=a.seed, say=lambda s: print(s, file=sys.stderr, flush=True),
+                  ended_by=timing["host_timeout"])
+    except Exception:
+        for d in hosts:
+            print(d.log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
+    finally:
+        for d in hosts:
+            d.stop()
+        time.sleep(0.5)
+        for d in hosts:
+            left += d.leftovers()
+            d.sweep()
+        server.remove()
+    print(f"three hosts, one PostgreSQL; disruptions of the other two in turn: {dict(ctl.events)}")
+    print(report(res))
+    print(f"processes left behind:            {len(left)}")
+    return 0 if res.ok() and not left else 1
+
+
 def health(port: int) -> int | None:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -152,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--submitters", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cluster", action="store_true",
+                    help="three hosts on one PostgreSQL: the others SIGKILLed and SIGSTOPped in turn")
     a = ap.parse_args(argv)
     if a.quick:
         a.restarts, a.submitters = 5, 8
+    if a.cluster:
+        with tempfile.TemporaryDirectory(prefix="crashloop-") as tmp:
+            return cluster_run(a, Path(tmp))
     with tempfile.TemporaryDirectory(prefix="crashloop-") as tmp:
         d = BenchDaemon(Path(tmp), a.workers)
         try:

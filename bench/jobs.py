@@ -15,22 +15,30 @@ def cpu(n: int) -> int:
     return total
 
 
-def record(path: str, tag: str, spin: float = 0.0) -> str:
-    """Appends one line "<job id> <start time> <pid> <tag>" to `path` (one O_APPEND write, so the
-    lines of concurrent workers never mix), busy-loops for `spin` seconds, returns `tag`.
-
-    Each line is one execution of the job: the crash loop counts them and dates them.
-    """
+def _append(path: str, line: str) -> None:
+    """One O_APPEND write: the lines of concurrent workers never mix."""
     import os
-    import time
 
-    line = f"{os.environ.get('POOLD_JOB_ID', '-')} {time.time():.6f} {os.getpid()} {tag}\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def record(path: str, tag: str, spin: float = 0.0) -> str:
+    """Appends one line "<job id> <start time> <pid> <tag>" to `path`, busy-loops for `spin`
+    seconds, appends "<job id> <end time> <pid> <tag> end", returns `tag`.
+
+    Each start line is one execution of the job: the crash loop counts them and dates them.
+    """
+    import os
+    import time
+
+    jid = os.environ.get("POOLD_JOB_ID", "-")
+    _append(path, f"{jid} {time.time():.6f} {os.getpid()} {tag}\n")
     end = time.monotonic() + spin
     while time.monotonic() < end:
         pass
+    _append(path, f"{jid} {time.time():.6f} {os.getpid()} {tag} end\n")
     return tag

@@ -152,6 +152,28 @@ def _keeper(cfg: Config, store: JobStore, scheduler: Scheduler) -> HostKeeper | 
     return HostKeeper(cfg.cluster, store, scheduler, cfg.store.url)
 
 
+async def _leave(keeper: HostKeeper, patience: float = 10.0) -> None:
+    """The host leaves the cluster, its workers gone and its writes in: what it held goes back
+    (retried or interrupted; never started: queued as it was). Tried for `patience` seconds;
+    else the other hosts rescue its jobs once its heartbeat is old."""
+    store = keeper.store
+    end = asyncio.get_running_loop().time() + patience
+    await store.settle(patience)
+    while True:
+        try:
+            retried, failed = await store.hosts.leave()
+        except StoreError:
+            if asyncio.get_running_loop().time() > end:
+                log.error("could not leave the cluster: the other hosts take this host's jobs"
+                          " once its heartbeat is %g s old", keeper.cfg.host_timeout)
+                return
+            await asyncio.sleep(0.2)
+            continue
+        if retried or failed:
+            log.info("left the cluster: %d running jobs requeued, %d failed as interrupted", retried, failed)
+        return
+
+
 async def _both(first: asyncio.Task[None], second: Coroutine[Any, Any, None]) -> None:
     """Runs a second long task beside the first; ends both when either ends (or on cancel)."""
     async with asyncio.TaskGroup() as tg:
@@ -229,10 +251,10 @@ async def _serve(cfg: Config, early: list[int]) -> int:
         found = leftovers.find_leftovers(scheduler.pool.helper_pids(), {}, {})
         await asyncio.to_thread(leftovers.sweep, found, ctx.cfg.supervisor.kill_grace)
         await scheduler.pool.stop_helpers()
+        if keeper is not None:
+            await _leave(keeper)
         with contextlib.suppress(StoreError):
             await store.committed()
-            if keeper is not None:
-                await keeper.store.hosts.leave()
         await store.aclose()
     log.info("poold stopped")
     return 0

@@ -11,7 +11,7 @@ import socket
 from typing import NamedTuple
 
 from service.config import Config
-from service.engine import ledger
+from service.engine import lease, ledger
 from service.engine.procs import supervisor
 from service.store.base import JobStore, StoreError
 
@@ -64,6 +64,7 @@ async def _open_postgres(cfg: Config, host: str) -> Opened:
                         " pip install 'poold[postgres]'") from None
     store = PgStore(cfg.store.url, cfg.store.schema, cfg.store.where, host)
     store.hosts.timeout = cfg.cluster.host_timeout
+    store.hosts.clock = lease.now  # the registration starts the first lease
     try:
         await store.open()  # registers this host: a live one of the same name elsewhere is waited for
         retried, failed = store.hosts.taken_over

@@ -2,8 +2,9 @@
 watch it. A worker whose lease has run out kills its job's whole tree and exits, even while
 its owner is frozen (SIGSTOP) or cut off: another host may be given the job from then on.
 
-The deadline is CLOCK_MONOTONIC seconds, one clock for every process of the machine; 0
-means no lease is kept (a single host: nothing else could take the job).
+The deadline is CLOCK_BOOTTIME seconds (`now()`): one clock for every process of the
+machine that, unlike CLOCK_MONOTONIC, goes on while the machine is suspended, when the other
+hosts' clock does too. 0 means no lease is kept (a single host: nothing else could take the job).
 """
 
 from __future__ import annotations
@@ -18,41 +19,59 @@ POLL = 0.05  # seconds between a worker's looks at the lease
 EXPIRED_EXIT = 75  # a worker's exit status when it ended its job for an expired lease
 
 
+def now() -> float:
+    return time.clock_gettime(_CLOCK)
+
+
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
 class Lease:
     def __init__(self, ctx: Any) -> None:
         self.value = ctx.RawValue("d", 0.0)  # passed to each worker at its start
 
     def renew(self, until: float) -> None:
-        """Until `until` (time.monotonic()) the jobs may run."""
+        """Until `until` (now()) the jobs may run."""
         self.value.value = until
 
     def valid(self) -> bool:
         d = float(self.value.value)
-        return d == 0.0 or time.monotonic() < d
+        return d == 0.0 or now() < d
 
 
-def watch(value: Any, running: Callable[[], bool]) -> None:
-    """In a worker: a thread that ends the running job, tree and worker, once the lease is out."""
+def watch(value: Any, running: Callable[[], str | None]) -> None:
+    """In a worker: a thread that ends the running job (`running()`: its id, None between
+    jobs), its whole tree and the worker, once the lease is out."""
     threading.Thread(target=_watch, args=(value, running), name="poold-lease", daemon=True).start()
 
 
-def _watch(value: Any, running: Callable[[], bool]) -> None:
+def _watch(value: Any, running: Callable[[], str | None]) -> None:
     while True:
         time.sleep(POLL)
         d = float(value.value)
-        if d and time.monotonic() >= d and running():
-            _end_tree()
+        if d and now() >= d and (job := running()) is not None:
+            _end_tree(job)
             os._exit(EXPIRED_EXIT)
 
 
-def _end_tree() -> None:
+def _end_tree(job: str) -> None:
+    """Kills this worker's descendants, and the job's detached ones (they carry its id in
+    POOLD_JOB_ID): with the owner frozen, nobody else would."""
     try:
         import psutil
 
-        for p in reversed(psutil.Process().children(recursive=True)):
+        doomed = psutil.Process().children(recursive=True)
+        for p in psutil.process_iter():
             try:
-                p.kill()
+                if p.environ().get("POOLD_JOB_ID") == job:
+                    doomed.append(p)
             except psutil.Error:
                 pass
+        for p in reversed(doomed):
+            if p.pid != os.getpid():
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
     except Exception:  # noqa: BLE001 - best effort on the way out: the exit follows anyway
         pass

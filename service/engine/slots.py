@@ -226,7 +226,8 @@ class Slots:
                     break
                 await asyncio.sleep(0.005)
             slot.exit = self.exit_description(slot)
-            if getattr(slot.process, "exitcode", None) == lease.EXPIRED_EXIT:
+            if getattr(slot.process, "exitcode", None) == lease.EXPIRED_EXIT and self.lease is not None \
+                    and not self.lease.valid():  # (a job may exit with 75 too)
                 slot.exit = LEASE_EXPIRED
             elif "SIGKILL" in slot.exit:  # not ours (a kill of ours is slot.killed): memory, most likely
                 oom = supervisor.oom_kills() > slot.oom_kills

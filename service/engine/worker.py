@@ -72,7 +72,7 @@ def init(setup: WorkerSetup, events: Any, control: Any, lifeline: Any, lease_val
     _channel.send = lambda msg: send(encode(Progress(msg[1], *msg[2])))
     guard.watch_owner(lifeline)
     if lease_value is not None:
-        lease.watch(lease_value, lambda: _channel.job_id is not None)
+        lease.watch(lease_value, lambda: _channel.job_id)
     for mod in setup.preload:
         __import__(mod)
 

@@ -43,7 +43,7 @@ def key_of(body: Any) -> str | None:
     """The body's idempotency key when it is a valid one, else None (parse says what is wrong):
     a kept job's key is looked up before anything else in the body is checked."""
     key = body.get("key") if isinstance(body, dict) else None
-    if isinstance(key, str) and 1 <= len(key) <= 200 and _encodable(key):
+    if isinstance(key, str) and 1 <= len(key) <= 200 and _encodable(key) and "\x00" not in key:
         return key
     return None
 
@@ -106,6 +106,8 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
         raise _invalid("key: expected a string of 1 to 200 characters or null")
     if key is not None and not _encodable(key):
         raise _invalid("key: not valid Unicode (a lone surrogate)")
+    if key is not None and "\x00" in key:  # PostgreSQL's text cannot hold it: refused on every store
+        raise _invalid("key: must not contain the NUL character")
     try:  # encoded once, here: a number too large for a float (1e400) is no JSON number
         args_json = json.dumps(args, allow_nan=False) if args else "[]"
         kwargs_json = json.dumps(kwargs, allow_nan=False) if kwargs else "{}"

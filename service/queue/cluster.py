@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from service.config import ClusterConfig
+from service.engine import lease
 from service.queue.dispatcher import Scheduler
 from service.store.base import StoreError
 from service.store.postgres.listener import Listener
@@ -31,11 +31,11 @@ class HostKeeper:
         self.draining = False
 
     def renew(self, sent: float) -> None:
-        lease = self.scheduler.pool.lease
-        if lease is None:
+        held = self.scheduler.pool.lease
+        if held is None:
             return
-        was = lease.valid()
-        lease.renew(sent + self.cfg.host_timeout - self.cfg.heartbeat_interval)
+        was = held.valid()
+        held.renew(sent + self.cfg.host_timeout - self.cfg.heartbeat_interval)
         if not was:
             self.scheduler.kick()
 
@@ -46,14 +46,16 @@ class HostKeeper:
 
     async def _beats(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval)
             try:
                 await self.beat()
             except StoreError:
                 pass  # the store has said so (once); the lease runs out if this goes on
+            except Exception:  # a failed beat must not end the heartbeats: log it and go on
+                log.exception("heartbeat failed")
+            await asyncio.sleep(self.cfg.heartbeat_interval)
 
     async def beat(self) -> None:
-        sent = time.monotonic()
+        sent = lease.now()
         before = await self.store.hosts.beat(self.draining, self.scheduler.workers())
         if before is None:
             log.error("this host's row was taken by another instance named %r", self.store.host_name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.config import Config
-from service.engine.batching import MAX_BATCH, RunTimes
+from service.engine.batching import RunTimes
 from service.engine.options import PoolOptions
 from service.engine.procs import leftovers, supervisor
 from service.engine.protocol import OK, Done, Event, JsonJob, Progress, Started
@@ -109,36 +109,48 @@ class Scheduler:
                 self._kicked.set()
 
     async def _fill(self) -> None:
+        """Claims a job per free slot, then as many more as each slot's batch takes (sized from
+        that job's function): nothing is claimed that no slot takes, so other hosts get it."""
         if not self.accepting or (self.pool.lease is not None and not self.pool.lease.valid()):
             return  # a host whose lease is out takes no job until it has renewed it
         free = [s for s in self.pool.slots.values() if self._can_take(s)]
         if not free:
             return
-        # jobs queued in the store and not yet handed to a worker (sizes batches only)
-        waiting = self.store.queued - (len(self.dispatched) - len(self.running))
-        queue = await self.store.claim(MAX_BATCH * len(free), set(self.dispatched))
-        if not queue:
+        held = set(self.dispatched)
+        firsts = await self.store.claim(len(free), held)
+        if not firsts:
             return
+        # jobs queued in the store and not yet handed to a worker (sizes batches only)
+        waiting = self.store.queued + len(firsts)
+        if not self.store.claim_dequeues:  # still counted as queued until they start
+            waiting -= len(self.dispatched) - len(self.running)
         free = [s for s in free if self._can_take(s)] if self.accepting else []  # it may have waited
-        pos = 0
-        for slot in free:
-            if pos >= len(queue):
-                break
-            size = min(self.stats.batch_size(queue[pos].fn), max(1, math.ceil(waiting / len(free))))
+        plan = []  # (slot, its first job, how many more)
+        for slot, c in zip(free, firsts, strict=False):
+            size = min(self.stats.batch_size(c.fn), max(1, math.ceil(waiting / len(free))))
             if self.cfg.pool.max_tasks_per_worker:  # a batch never runs past the recycling point
-                held = sum(len(b) for b in slot.batches)
-                size = min(size, self.cfg.pool.max_tasks_per_worker - slot.tasks_done - held)
+                held_now = sum(len(b) for b in slot.batches)
+                size = min(size, self.cfg.pool.max_tasks_per_worker - slot.tasks_done - held_now)
                 if size <= 0:
                     continue
-            batch = queue[pos:pos + size]
-            pos += len(batch)
-            for c in batch:
-                self.dispatched[c.id] = (slot, batch)
-            waiting -= len(batch)
-            self.pool.submit(slot, batch, [JsonJob(c.id, c.fn, c.args, c.kwargs, c.seq, c.attempts)
-                                           for c in batch], self.cfg.jobs.max_result_bytes)
-        if pos < len(queue):
-            self.store.release(queue[pos:])
+            plan.append((slot, c, size - 1))
+        more = sum(n for _, _, n in plan)
+        rest = await self.store.claim(more, held | {c.id for c in firsts}) if more else []
+        taken = {c.id for _, c, _ in plan}
+        pos = 0
+        for slot, c, n in plan:
+            if not self.accepting or not self._can_take(slot):
+                taken.discard(c.id)
+                continue
+            batch = [c, *rest[pos:pos + n]]
+            pos += n
+            for b in batch:
+                self.dispatched[b.id] = (slot, batch)
+            self.pool.submit(slot, batch, [JsonJob(b.id, b.fn, b.args, b.kwargs, b.seq, b.attempts)
+                                           for b in batch], self.cfg.jobs.max_result_bytes)
+        unused = [c for c in firsts if c.id not in taken] + rest[pos:]
+        if unused:
+            self.store.release(unused)
 
     def _can_take(self, s: Slot) -> bool:
         """An idle slot takes a batch; a busy one takes a second when the batch it runs is of
@@ -324,7 +336,12 @@ class Scheduler:
             # killed first: while the store is asked, the worker could go on to its next job
             r.slot.kill_reason[jid] = "cancel"
             self._kill_job(r, "cancel")
-            await self.store.cancel(jid, r.progress)
+            try:
+                await self.store.cancel(jid, r.progress)
+            except StoreError:  # the job is dead here: its end is kept and written once it can be
+                self.store.finish(r.claimed, "cancelled", r.started_at, self._worker_info(r.slot), r.written,
+                                  progress=r.progress)
+                raise
         else:
             left = await self.store.cancel(jid, queued_only=queued_only)
             if left is None:
@@ -361,9 +378,13 @@ class Scheduler:
                 self.pool.cancel_pending(slot, jid)
 
     def interrupt_all(self) -> None:
-        """Ends the book of every running job: retried on the next start if retries are left."""
+        """Ends the book of every running job: retried on the next start if retries are left.
+
+        Not on a store whose claims other hosts see: a job requeued now could start elsewhere
+        while its worker here is still being killed; the host's leave() gives them back once
+        its workers are gone."""
         err = job_error(ErrorType.INTERRUPTED, "the daemon stopped while the job ran")
-        for r in list(self.running.values()):
+        for r in list(self.running.values()) if not self.store.claim_dequeues else []:
             if not r.written:
                 self._write_start(r)
             if r.claimed.attempts + 1 <= r.claimed.retries:

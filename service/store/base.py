@@ -72,6 +72,12 @@ class JobStore(Protocol):
         ...
 
     @property
+    def claim_dequeues(self) -> bool:
+        """True when a claim takes the job out of `queued` at once (PostgreSQL); False when a
+        claimed job counts as queued until it starts (SQLite)."""
+        ...
+
+    @property
     def queued(self) -> int:
         """How many jobs are queued, as this process last wrote them (admission and batch sizes)."""
         ...

@@ -58,6 +58,7 @@ class MemoryStore:
 
     path = ":memory:"
     start_ledger = None
+    claim_dequeues = False
     healthy = True
     last_error = ""
 

@@ -76,8 +76,11 @@ def test_hosts_share_one_queue_and_answer_for_every_job(hosts: Callable[..., lis
     assert {j["id"] for j in jobs} <= listed
     r = b.post("/v1/jobs/wait", {"ids": [j["id"] for j in jobs], "timeout": 1, "all": True})
     assert r.status == 200 and len(r.json["jobs"]) == 8
-    hs = a.get("/v1/hosts").json["hosts"]
-    assert [(h["name"], h["state"], h["workers"]) for h in hs] == [("h1", "alive", 2), ("h2", "alive", 2)]
+    def listed() -> bool:  # as the hosts' heartbeats last reported them
+        hs = a.get("/v1/hosts").json["hosts"]
+        return [(h["name"], h["state"], h["workers"]) for h in hs] == [("h1", "alive", 2), ("h2", "alive", 2)]
+
+    assert wait_for(listed, 5), a.get("/v1/hosts").json
     every = a.get("/v1/workers?all=true").json["workers"]
     assert sorted(w["host"] for w in every) == ["h1", "h1", "h2", "h2"]
     assert {w["host"] for w in a.workers()} == {"h1"}

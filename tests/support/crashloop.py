@@ -216,6 +216,7 @@ class Result:
     reruns: int = 0  # jobs executed more than once (interrupted attempts): allowed
     over_retries: list[str] = field(default_factory=list)  # executed more than 1 + retries times
     orphan_executions: int = 0  # executions that started just after their daemon was SIGKILLed
+    double_runs: list[str] = field(default_factory=list)  # a job's executions under way at once
     unknown_executions: int = 0  # executions of specs no answer named (ambiguous submissions)
     ambiguous: int = 0
     requests: int = 0
@@ -236,6 +237,7 @@ class Result:
                 or self.key_duplicates
                 or self.unexpected
                 or self.over_retries
+                or self.double_runs
             )
             and self.integrity == "ok"
         )
@@ -250,6 +252,7 @@ class Result:
             "key_duplicates",
             "unexpected",
             "over_retries",
+            "double_runs",
         ):
             v = getattr(self, name)
             if v:
@@ -257,6 +260,30 @@ class Result:
         if self.integrity != "ok":
             out.append(f"integrity_check: {self.integrity}")
         return "; ".join(out)
+
+
+def _double_runs(spans: dict[str, list[tuple[float, float | None]]], kills: list[float],
+                 ended_by: float) -> list[str]:
+    """Jobs with two executions under way at once. An execution with no end line was cut off by
+    the disruption that followed its start: it ended by that time + `ended_by` at the latest
+    (0.25 s for a SIGKILL, whose workers die with it; a host's lease for a SIGSTOP)."""
+    out = []
+    for tag, runs in spans.items():
+        if len(runs) < 2:
+            continue
+        closed = []
+        for start, end in runs:
+            if end is None:
+                end = min((k for k in kills if k >= start), default=float("inf")) + ended_by
+            closed.append((start, end))
+        closed.sort()
+        busy_until = closed[0][1]
+        for start, end in closed[1:]:
+            if start < busy_until:
+                out.append(f"{tag}: a run until {busy_until:.3f}, another from {start:.3f}")
+                break
+            busy_until = max(busy_until, end)
+    return out
 
 
 def integrity(path: str) -> str:
@@ -277,6 +304,7 @@ def run(
     settle: float = 180.0,
     seed: int = 1,
     say: Callable[[str], None] = lambda s: None,
+    ended_by: float = 0.25,
 ) -> Result:
     """The crash loop against a started daemon `ctl`; leaves it stopped. See the module docstring."""
     res = Result(restarts=restarts)
@@ -343,15 +371,25 @@ def run(
             res.lost.append(f"{jid}: {status} {body if status != 200 else body.get('state')}")
     h.close()
     ctl.stop()
-    res.integrity = integrity(ctl.store)
+    # a PostgreSQL store has no file to check (the database keeps its own consistency)
+    res.integrity = "ok" if ctl.store.startswith("postgresql") else integrity(ctl.store)
 
-    # executions, one line each: "<job id> <start time> <pid> <tag>"
+    # executions, one line each: "<job id> <start time> <pid> <tag>", and "... end" when it ended
     execs: dict[str, list[float]] = collections.defaultdict(list)
+    spans: dict[str, list[tuple[float, float | None]]] = collections.defaultdict(list)
     with contextlib.suppress(FileNotFoundError), open(record) as f:
         for line in f:
             parts = line.split()
             if len(parts) == 4:
                 execs[parts[3]].append(float(parts[1]))
+                spans[parts[3]].append((float(parts[1]), None))
+            elif len(parts) == 5 and parts[4] == "end":
+                runs = spans[parts[3]]
+                for i in range(len(runs) - 1, -1, -1):  # the latest open run of that job
+                    if runs[i][1] is None:
+                        runs[i] = (runs[i][0], float(parts[1]))
+                        break
+    res.double_runs = _double_runs(spans, kills, ended_by)
     res.executions = sum(len(v) for v in execs.values())
     # no new daemon runs a job this soon after the kill (it is still importing): such an execution
     # is a worker of the killed daemon still going
@@ -416,6 +454,7 @@ def report(res: Result) -> str:
         f" {res.unknown_executions} of unanswered submissions)",
         f"executed more than 1 + retries times: {len(res.over_retries)} {res.over_retries[:3]}",
         f"executions by a killed daemon's worker (within 0.25 s of the kill): {res.orphan_executions}",
+        f"jobs run twice at once:           {len(res.double_runs)} {res.double_runs[:3]}",
         f"integrity_check:                  {res.integrity}",
         f"time: load {res.load_seconds:.1f} s, settle {res.settle_seconds:.1f} s,"
         f" total {res.total_seconds:.1f} s;"

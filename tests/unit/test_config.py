@@ -413,3 +413,25 @@ def test_a_store_path_that_cannot_be_made_is_named(tmp_path: Path, where: str, r
     path = tmp_path / where
     err = load_error(write(tmp_path, f'[store]\npath = "{path}"\n'), env={})
     assert err.key == "store.path" and reason in err.message, err
+
+
+@pytest.mark.parametrize(("env", "key", "says"), [
+    ({"POOLD_STORE_URL": "mysql://u:s3cret@h/db"}, "store.url", "postgresql://"),
+    ({"POOLD_STORE_URL": "postgresql://u:s3cret@h:99999/db"}, "store.url", "Port out of range"),
+    ({"POOLD_STORE_SCHEMA": "Poold"}, "store.schema", "lower-case"),
+    ({"POOLD_CLUSTER_HEARTBEAT_INTERVAL": "0"}, "cluster.heartbeat_interval", "> 0"),
+    ({"POOLD_CLUSTER_HOST_TIMEOUT": "5"}, "cluster.host_timeout", "3 x"),
+])
+def test_cluster_keys_are_checked_without_showing_the_password(env: dict[str, str], key: str,
+                                                               says: str) -> None:
+    err = load_error(None, env=env)
+    assert err.key == key and says in err.message, err
+    assert "s3cret" not in str(err)
+
+
+def test_a_store_url_from_the_flag_and_the_path_it_makes_moot(tmp_path: Path) -> None:
+    cfg = load(None, env={"POOLD_STORE_PATH": str(tmp_path / "missing" / "x.db")},
+               flags={"store.path": "postgresql://poold:pw@db:5432/jobs"})
+    assert cfg.store.url == "postgresql://poold:pw@db:5432/jobs"  # --store took the URL
+    assert cfg.store.where == "postgresql://poold:***@db:5432/jobs"  # and a missing path is no error
+    assert config.redact("postgresql://db/jobs") == "postgresql://db/jobs"

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -40,6 +41,14 @@ def machine_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def _alive(pid: int) -> bool:
+    """A process of this machine runs with that pid (a zombie is dead: it only waits to be reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _lost(why: str) -> str:
     return json.dumps(job_error(ErrorType.INTERRUPTED, why))
 
@@ -52,7 +61,8 @@ class Hosts:
         self.timeout = timeout
         self.machine = machine_id()
         self.taken_over = (0, 0)  # what register() rescued of a previous instance: (retried, failed)
-        self.registered_at = 0.0  # time.monotonic() when the registering statement was sent
+        self.clock: Callable[[], float] = time.monotonic  # the clock of the caller's lease
+        self.registered_at = 0.0  # clock() when the registering statement was sent
 
     async def register(self, poll: float = 0.5) -> tuple[int, int]:
         """Takes this host's name; (retried, failed) jobs of its previous instance.
@@ -65,7 +75,7 @@ class Hosts:
             async def body(conn: asyncpg.Connection) -> tuple[int, int] | float:
                 row = await conn.fetchrow(q.HOST_LOCK, s.host_name, self.timeout)
                 if row is not None and row[4] != "dead" and row[3] \
-                        and not (row[1] == self.machine and not psutil.pid_exists(row[2])):
+                        and not (row[1] == self.machine and not _alive(row[2])):
                     return poll
                 rescued: list[Any] = []
                 if row is not None:
@@ -76,7 +86,7 @@ class Hosts:
                 retried = sum(1 for r in rescued if r[1] == "queued")
                 return retried, len(rescued) - retried
 
-            sent = time.monotonic()
+            sent = self.clock()
             out = await s.tx(body)
             if not isinstance(out, float):
                 self.taken_over, self.registered_at = out, sent
@@ -88,29 +98,51 @@ class Hosts:
             await asyncio.sleep(out)
 
     async def beat(self, draining: bool, workers: list[dict[str, Any]]) -> str | None:
-        """The heartbeat: this host is alive (or draining); the state its row had before."""
+        """The heartbeat: this host is alive (or draining); the state its row had before (None:
+        the row is another instance's now)."""
         s = self.store
-        before = await s.fetchval(q.HEARTBEAT, s.host_name, s.instance, draining, json.dumps(workers))
-        return None if before is None else str(before)
+
+        async def body(conn: asyncpg.Connection) -> str | None:
+            before = await conn.fetchval(q.HEARTBEAT_LOCK, s.host_name, s.instance)
+            if before is not None:
+                await conn.execute(q.HEARTBEAT, s.host_name, s.instance, draining, json.dumps(workers))
+            return None if before is None else str(before)
+
+        out: str | None = await s.tx(body, beats=True)
+        return out
 
     async def rescue_dead(self) -> tuple[int, int]:
         """Declares the silent hosts dead and takes their running jobs back; (retried, failed)."""
         s = self.store
 
         async def body(conn: asyncpg.Connection) -> list[Any]:
-            rows = await conn.fetch(q.RESCUE_DEAD, self.timeout,
-                                    _lost("its host stopped answering while the job ran"), time.time())
+            lost = _lost("its host stopped answering while the job ran")
+            rows = await conn.fetch(q.RESCUE_DEAD, self.timeout, lost, time.time())
+            rows += await conn.fetch(q.RESCUE_ORPHANS, lost, time.time())  # dead hosts' late claims
             await _tell(conn, s.channel, rows)
             return rows
 
-        rows = await s.tx(body)
+        rows = await s.tx(body, beats=True)
         retried = sum(1 for r in rows if r[1] == "queued")
         return retried, len(rows) - retried
 
-    async def leave(self) -> None:
-        """A clean stop: this host is gone now, so a restart need not wait for its heartbeat."""
+    async def leave(self) -> tuple[int, int]:
+        """A clean stop, once the workers are gone: what this host claimed and never started goes
+        back to the queue as it was, what it ran is retried or failed as interrupted, and the
+        host is gone (a restart need not wait for its heartbeat); (retried, failed)."""
         s = self.store
-        await s.fetch(q.HOST_GONE, s.host_name, s.instance)
+
+        async def body(conn: asyncpg.Connection) -> list[Any]:
+            back = await conn.fetch(q.RELEASE_UNSTARTED, s.instance)
+            rows = await conn.fetch(q.RESCUE_INSTANCE, s.instance,
+                                    _lost("the daemon stopped while the job ran"), time.time())
+            await conn.execute(q.HOST_GONE, s.host_name, s.instance)
+            await _tell(conn, s.channel, rows + [(r[0], "queued") for r in back])
+            return rows
+
+        rows = await s.tx(body, beats=True)
+        retried = sum(1 for r in rows if r[1] == "queued")
+        return retried, len(rows) - retried
 
     async def listing(self) -> list[dict[str, Any]]:
         """GET /v1/hosts: every host the cluster knows, dead ones included."""

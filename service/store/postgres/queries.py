@@ -77,10 +77,13 @@ BY_KEYS = f"SELECT {COLUMNS} FROM jobs WHERE key = ANY($1::text[])"
 NOTIFY = "SELECT pg_notify($1, $2)"
 
 # -- the queue
+# only while this instance's host row is alive: a claim that reaches the database after the
+# host was judged dead takes nothing
 CLAIM = f"""
 UPDATE jobs SET state = 'running', attempts = attempts + 1, claim = $2, started_at = NULL
 WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq
               LIMIT $1 FOR UPDATE SKIP LOCKED)
+  AND EXISTS (SELECT 1 FROM hosts WHERE instance = $2 AND state <> 'dead')
 RETURNING {CLAIMED}
 """
 RELEASE = """
@@ -126,12 +129,21 @@ INSERT INTO hosts (name, instance, machine, pid) VALUES ($1, $2, $3, $4)
 ON CONFLICT (name) DO UPDATE SET instance = $2, machine = $3, pid = $4, started_at = now(),
                                  last_seen = now(), state = 'alive', workers = '[]'
 """
+# the state before the heartbeat (read under the row lock: a rescue that declared this host dead
+# a moment ago is seen), then the heartbeat
+HEARTBEAT_LOCK = "SELECT state FROM hosts WHERE name = $1 AND instance = $2 FOR UPDATE"
 HEARTBEAT = """
 UPDATE hosts SET last_seen = now(), state = CASE WHEN $3 THEN 'draining' ELSE 'alive' END, workers = $4
 WHERE name = $1 AND instance = $2
-RETURNING (SELECT h.state FROM hosts h WHERE h.name = $1)
 """
 HOST_GONE = "UPDATE hosts SET state = 'dead', workers = '[]' WHERE name = $1 AND instance = $2"
+# at a clean stop, once the workers are gone: what was claimed and never started goes back as it
+# was; the rest is rescued (RESCUE_INSTANCE)
+RELEASE_UNSTARTED = """
+UPDATE jobs SET state = 'queued', attempts = attempts - 1, claim = NULL
+WHERE state = 'running' AND claim = $1 AND started_at IS NULL
+RETURNING id
+"""
 # the dead: hosts silent for host_timeout by the database's clock; their jobs are rescued in
 # the same statement (retried with retries left, else failed as interrupted)
 RESCUE_DEAD = """

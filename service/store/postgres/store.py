@@ -32,9 +32,11 @@ from service.store.sqlite.jobjson import job_json
 
 log = logging.getLogger("poold.store")
 
-# the database cannot be reached (down, restarting, cut off): 503 store_unavailable, retried
+# the database cannot be reached (down, restarting, cut off) or refused for now (a deadlock, a
+# serialization failure, too many connections, read-only): 503 store_unavailable, retried
 _FAILURES = (OSError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
-             asyncpg.InterfaceError, TimeoutError)
+             asyncpg.InterfaceError, TimeoutError, asyncpg.TransactionRollbackError,
+             asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
 
 
 class Op(NamedTuple):
@@ -48,12 +50,14 @@ class PgStore:
     """See the module docstring. `open()` before use; `instance` is this start's claim token."""
 
     start_ledger = None  # every start is in the database before the job reaches a worker
+    claim_dequeues = True  # a claimed job is running in the database at once
 
     def __init__(self, url: str, schema: str, where: str, host_name: str) -> None:
         self._url, self.schema, self.path, self.host_name = url, schema, where, host_name
         self.instance = new_id()
         self.channel = notices.channel(schema)
         self.pool: asyncpg.Pool | None = None
+        self.beats: asyncpg.Pool | None = None  # heartbeats' own connection: never queued behind requests
         self.healthy, self.last_error = True, ""
         self._queued = 0
         self._pending: list[Op] = []
@@ -68,12 +72,14 @@ class PgStore:
     async def open(self) -> None:
         try:
             self.pool = await connect_pool(self._url, self.schema)
+            self.beats = await connect_pool(self._url, self.schema, size=1)
             await migrate(self.pool, self.schema)
             await self.refresh_queued()
             await self.hosts.register()
         except _FAILURES as e:
-            if self.pool is not None:
-                await self.pool.close()
+            for pool in (self.pool, self.beats):
+                if pool is not None:
+                    await pool.close()
             raise StoreError(f"cannot use the database {self.path}: {_say(e)}") from None
 
     @property
@@ -108,11 +114,13 @@ class PgStore:
         rows = await self.fetch(sql, *args)
         return rows[0][0] if rows else None
 
-    async def tx(self, body: Callable[[asyncpg.Connection], Any]) -> Any:
-        """Runs `await body(conn)` in one transaction; a failure to reach the database is StoreError."""
-        assert self.pool is not None
+    async def tx(self, body: Callable[[asyncpg.Connection], Any], *, beats: bool = False) -> Any:
+        """Runs `await body(conn)` in one transaction; a failure to reach the database is StoreError.
+        `beats`: on the heartbeats' connection."""
+        pool = self.beats if beats else self.pool
+        assert pool is not None
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with pool.acquire() as conn, conn.transaction():
                 out = await body(conn)
         except _FAILURES as e:
             raise self._failed(e) from None
@@ -137,7 +145,10 @@ class PgStore:
                 self._pending, self._ended, self._requeued = [], [], False
                 try:
                     await self.tx(functools.partial(self._write, ops=ops, ended=ended, requeued=requeued))
-                except StoreError as e:
+                except Exception as e:  # kept and tried again, whatever it was: a job's end must not be
+                    if not isinstance(e, StoreError):  # lost, nor its waiters left waiting
+                        log.exception("writing %d job changes failed; trying again", len(ops))
+                        e = StoreError(_say(e))
                     self._pending, self._ended = ops + self._pending, ended + self._ended
                     self._requeued = self._requeued or requeued
                     self._settle(upto, e)
@@ -207,16 +218,26 @@ class PgStore:
     def close(self) -> None:
         pass  # see aclose
 
-    async def aclose(self) -> None:
-        if self._flusher is not None:
+    async def settle(self, patience: float) -> bool:
+        """Waits up to `patience` seconds for every write so far to commit, through failures
+        (the flush retries on its own); whether they all did."""
+        end = time.monotonic() + patience
+        while self._done < self._written and time.monotonic() < end:
             try:
-                await asyncio.wait_for(self.committed(), 5.0)
+                await asyncio.wait_for(self.committed(), max(0.01, end - time.monotonic()))
             except (StoreError, TimeoutError):
-                log.error("%d writes could not be committed before the store closed", len(self._pending))
-            if self._flusher is not None:
-                self._flusher.cancel()
-        if self.pool is not None:
-            await self.pool.close()
+                await asyncio.sleep(0.1)
+        return self._done >= self._written
+
+    async def aclose(self) -> None:
+        if not await self.settle(10.0):
+            log.error("%d job changes could not be written before the store closed", len(self._pending))
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        for pool in (self.pool, self.beats):
+            if pool is not None:
+                await pool.close()
 
     # -- enqueue
     async def find_key(self, key: str, progress: Any = None) -> str | None:
@@ -245,6 +266,8 @@ class PgStore:
             kept = await conn.fetch(q.BY_KEYS, lost) if lost else []
             return made, kept
 
+        if not fresh:
+            return []
         made, kept = await self.tx(body)
         self._queued += len(made)
         by_id = {r["id"]: _json(r) for r in made}

@@ -73,6 +73,7 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self.start_ledger = None if path == ":memory:" else path
+        self.claim_dequeues = False  # a claimed job is queued until its worker starts it
         self._d = Database(path, _SCHEMA)
         self._d.on_reset = self._recount
         self.queued = 0
