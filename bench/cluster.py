@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 from collections.abc import Iterator
 
@@ -69,6 +70,13 @@ def main() -> None:
           f"  ratio to one host {one / three:.2f} (target >= 0.8)")
     print(f"submit → ?wait round trip ({a.trips}): SQLite {p50_p99(lite_trips)};"
           f" PostgreSQL {p50_p99(pg_trips)}")
+    for measure, target, ratio, want in (
+            ("cluster: 10k no-op batch, PostgreSQL / SQLite", ">= 0.5", lite / one, 0.5),
+            ("cluster: three hosts draining / one host", ">= 0.8", one / three, 0.8)):
+        print("RESULT " + json.dumps({"measure": measure, "target": target, "figure": f"{ratio:.2f}",
+                                      "ok": ratio >= want}))
+    print("RESULT " + json.dumps({"measure": "cluster: submit -> ?wait p50, PostgreSQL", "target": "-",
+                                  "figure": f"{statistics.median(pg_trips) * 1e3:.2f} ms", "ok": None}))
 
 
 if __name__ == "__main__":

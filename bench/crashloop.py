@@ -1,7 +1,7 @@
 """Crash loop under load: no accepted job is lost when the daemon is SIGKILLed again and again.
 
     python -m bench.crashloop [--quick] [--restarts 20] [--submitters 32] [--workers 2] [--seed N]
-    python -m bench.crashloop --cluster   # three hosts on one PostgreSQL, others SIGKILLed / SIGSTOPped
+    python -m bench.crashloop --cluster   # three hosts on one PostgreSQL: SIGKILL, SIGSTOP, database restart
 
 Submitter threads (http.client, one keep-alive connection each) send single jobs and batches,
 some with retries, some with idempotency keys (re-sent with the same key until answered), while
@@ -142,11 +142,14 @@ class BenchDaemon:
 
 class Cluster:
     """Three hosts on one PostgreSQL database; the crash loop's Controller. Submitters talk to
-    the first; each "kill" disrupts one of the other two in turn: a SIGKILL (it is started again
-    at once), or a SIGSTOP of its main process for host_timeout + 1 s (its workers run on)."""
+    the first; each "kill" is one disruption, in turn: a SIGKILL of one of the other two (it is
+    started again at once), a SIGSTOP of one's main process for host_timeout + 1 s (its workers
+    run on), or the database stopped for a second and started again."""
 
-    def __init__(self, hosts: list[BenchDaemon], host_timeout: float) -> None:
-        self.hosts, self.host_timeout = hosts, host_timeout
+    KINDS = ("SIGKILL", "SIGSTOP", "database restart")
+
+    def __init__(self, hosts: list[BenchDaemon], host_timeout: float, server: Any) -> None:
+        self.hosts, self.host_timeout, self.server = hosts, host_timeout, server
         self.port, self.store = hosts[0].port, hosts[0].store
         self.round = 0
         self.victim: tuple[BenchDaemon, str] | None = None
@@ -155,13 +158,15 @@ class Cluster:
     def kill(self) -> None:
         if self.victim is None:  # one disruption at a time, in turn
             d = self.hosts[1 + self.round % 2]
-            how = "SIGKILL" if (self.round // 2) % 2 == 0 else "SIGSTOP"
+            how = self.KINDS[self.round % 3]
             self.round += 1
             assert d.proc is not None
             if how == "SIGKILL":
                 d.kill()
-            else:
+            elif how == "SIGSTOP":
                 os.kill(d.proc.pid, signal.SIGSTOP)
+            else:
+                self.server.stop()
             self.victim = (d, how)
             self.events[how] += 1
 
@@ -171,10 +176,13 @@ class Cluster:
             self.victim = None
             if how == "SIGKILL":
                 d.start()
-            else:
+            elif how == "SIGSTOP":
                 time.sleep(self.host_timeout + 1.0)
                 assert d.proc is not None
                 os.kill(d.proc.pid, signal.SIGCONT)
+            else:
+                time.sleep(1.0)
+                self.server.start()
             return self
         for d in self.hosts:
             if d.proc is None or d.proc.poll() is not None:
@@ -200,13 +208,14 @@ def cluster_run(a: argparse.Namespace, tmp: Path) -> int:
     store = {"url": server.url(), "schema": "crashloop"}
     hosts = [BenchDaemon(tmp / f"h{i + 1}", a.workers,
                          {"store": store, "cluster": {"name": f"h{i + 1}", **timing}}) for i in range(3)]
-    ctl = Cluster(hosts, timing["host_timeout"])
+    ctl = Cluster(hosts, timing["host_timeout"], server)
     left: list[psutil.Process] = []
     try:
         ctl.start()
         res = run(ctl, record=str(tmp / "executions.log"), submitters=a.submitters, restarts=a.restarts,
                   seed=a.seed, say=lambda s: print(s, file=sys.stderr, flush=True),
-                  ended_by=timing["host_timeout"])
+                  # a run cut off ended by its host's lease at the latest (its workers watch it)
+                  ended_by=timing["host_timeout"] - timing["heartbeat_interval"])
     except Exception:
         for d in hosts:
             print(d.log.read_text(errors="replace")[-3000:], file=sys.stderr)
@@ -219,7 +228,7 @@ def cluster_run(a: argparse.Namespace, tmp: Path) -> int:
             left += d.leftovers()
             d.sweep()
         server.remove()
-    print(f"three hosts, one PostgreSQL; disruptions of the other two in turn: {dict(ctl.events)}")
+    print(f"three hosts, one PostgreSQL; disruptions in turn: {dict(ctl.events)}")
     print(report(res))
     print(f"processes left behind:            {len(left)}")
     return 0 if res.ok() and not left else 1

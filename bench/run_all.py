@@ -1,6 +1,6 @@
 """Runs the benchmarks one after the other and prints a summary table.
 
-    python -m bench.run_all [--quick] [--only throughput,concurrency,cpu,startup,growth,engine]
+    python -m bench.run_all [--quick] [--only throughput,concurrency,cpu,startup,growth,engine,cluster]
 
 Each benchmark runs as its own `python -m bench.NAME` (with `--quick` passed through), its
 output shown as it comes; the figures are collected from the `RESULT {json}` lines each prints
@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.harness import REPO
 
-ORDER = ("throughput", "concurrency", "cpu", "startup", "growth", "engine")
+ORDER = ("throughput", "concurrency", "cpu", "startup", "growth", "engine", "cluster")
 
 
 def run(name: str, quick: bool) -> tuple[list[dict[str, Any]], int, float]:

@@ -15,6 +15,8 @@ import pytest
 
 from tests.support.daemon import Daemon, expect_error, wait_for
 
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
 MODULES = {
     "jc_sleepy": "import time\ntime.sleep(3)\n",
     "jc_noisy": "import sys\nprint('JC-NOISY-IMPORT')\nsys.stderr.write('JC-NOISY-STDERR\\n')\n",

@@ -43,6 +43,8 @@ from tests.support.daemon import (
     write_config,
 )
 
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
 # -- helpers
 
 

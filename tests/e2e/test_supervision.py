@@ -27,6 +27,8 @@ import pytest
 from tests.support.daemon import Daemon, gone, proc_args, read_pid, ts, wait_for
 from tests.support.supervision import ended, when_ended
 
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
 # the contract's defaults: a timed-out job is SIGKILLed at once, whatever the orphan sweep's pace
 DEFAULT_SUPERVISOR = {"supervisor": {"interval": 1.0, "kill_grace": 3.0, "shutdown_grace": 5.0}}
 TOLERANCE = 1.5  # "within one second of the deadline", with room for a loaded test host
@@ -475,7 +477,8 @@ def test_the_next_start_ends_what_a_previous_instance_left_and_nothing_else(daem
                                 f"setproctitle.setproctitle({title!r}); time.sleep(300)"])
               for title in ("poold: main", "poold: worker 1", "poold: worker 2")]
     try:
-        unrelated = daemon_factory().start()  # another poold, another store: same process names
+        # another poold, another store (on PostgreSQL another schema): the same process names
+        unrelated = daemon_factory(cfg={"store": {"schema": "unrelated"}}).start()
         unrelated_procs = {"main": proc(unrelated.proc.pid), **worker_processes(unrelated),
                            **helpers(unrelated)}
         a = daemon_factory().start()
