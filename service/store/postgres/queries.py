@@ -96,9 +96,27 @@ WHERE seq = $1 AND state = 'running' AND claim = $4
 """
 FINISH = """
 UPDATE jobs SET state = $1, result = $2, error = $3, progress = $4, finished_at = $5,
-                started_at = COALESCE(started_at, $6), worker = COALESCE(worker, $7), claim = NULL
+                started_at = COALESCE(started_at, $6), worker = $7, claim = NULL
 WHERE seq = $8 AND state = 'running' AND attempts = $9 AND claim = $10
 """
+# the same two for many rows in one statement (the gathered writes): the rows' arguments as
+# arrays, this instance last
+START_MANY = """
+UPDATE jobs j SET started_at = u.started_at, worker = u.worker, progress = NULL, error = NULL
+FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS u(seq, started_at, worker)
+WHERE j.seq = u.seq AND j.state = 'running' AND j.claim = $4
+"""
+FINISH_MANY = """
+UPDATE jobs j SET state = u.state, result = u.result, error = u.error, progress = u.progress,
+                  finished_at = u.finished_at, started_at = COALESCE(j.started_at, u.started_at),
+                  worker = u.worker, claim = NULL
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[],
+            $8::bigint[], $9::int[])
+     AS u(state, result, error, progress, finished_at, started_at, worker, seq, attempts)
+WHERE j.seq = u.seq AND j.state = 'running' AND j.attempts = u.attempts AND j.claim = $10
+"""
+MANY = {START: START_MANY, FINISH: FINISH_MANY}
+
 RETRY = """
 UPDATE jobs SET state = 'queued', error = $2, claim = NULL
 WHERE seq = $1 AND state = 'running' AND claim = $3 AND ($4::int IS NULL OR attempts = $4)

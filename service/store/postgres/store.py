@@ -31,12 +31,15 @@ from service.store.postgres.schema import connect_pool, migrate
 from service.store.sqlite.jobjson import job_json
 
 log = logging.getLogger("poold.store")
+# the pool's own retries while the database is away would log a traceback each: the store says it once
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 # the database cannot be reached (down, restarting, cut off) or refused for now (a deadlock, a
 # serialization failure, too many connections, read-only): 503 store_unavailable, retried
 _FAILURES = (OSError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
              asyncpg.InterfaceError, TimeoutError, asyncpg.TransactionRollbackError,
-             asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
+             asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError,
+             asyncpg.InternalClientError)  # (a connection cut in mid-transaction can end in this)
 
 
 class Op(NamedTuple):
@@ -60,7 +63,8 @@ class PgStore:
         self.beats: asyncpg.Pool | None = None  # heartbeats' own connection: never queued behind requests
         self.healthy, self.last_error = True, ""
         self._queued = 0
-        self._pending: list[Op] = []
+        self._pending: list[Op | None] = []  # None: a START its job's FINISH made needless
+        self._starts: dict[int, int] = {}  # seq -> index in _pending of its START not yet written
         self._ended: list[str] = []  # ids ended by the pending writes (NOTIFY "e")
         self._requeued = False  # the pending writes put jobs back in the queue (NOTIFY "q")
         self._written = self._done = 0  # writes asked for, and committed, so far
@@ -141,15 +145,18 @@ class PgStore:
         try:
             while self._pending:
                 await asyncio.sleep(pause)  # 0 the first time: what this loop iteration writes joins
-                ops, ended, requeued, upto = self._pending, self._ended, self._requeued, self._written
-                self._pending, self._ended, self._requeued = [], [], False
+                ops = [o for o in self._pending if o is not None]
+                ended, requeued, upto = self._ended, self._requeued, self._written
+                self._pending, self._ended, self._requeued, self._starts = [], [], False, {}
                 try:
                     await self.tx(functools.partial(self._write, ops=ops, ended=ended, requeued=requeued))
                 except Exception as e:  # kept and tried again, whatever it was: a job's end must not be
                     if not isinstance(e, StoreError):  # lost, nor its waiters left waiting
                         log.exception("writing %d job changes failed; trying again", len(ops))
                         e = StoreError(_say(e))
-                    self._pending, self._ended = ops + self._pending, ended + self._ended
+                    self._pending, self._ended = [*ops, *self._pending], ended + self._ended
+                    self._starts = {o.args[0]: i for i, o in enumerate(self._pending)
+                                    if o is not None and o.sql is q.START}
                     self._requeued = self._requeued or requeued
                     self._settle(upto, e)
                     pause = min(max(2 * pause, 0.1), 2.0)
@@ -167,7 +174,13 @@ class PgStore:
             j = i
             while j < len(ops) and ops[j].sql is ops[i].sql:
                 j += 1
-            await conn.executemany(ops[i].sql, [o.args for o in ops[i:j]])
+            rows = [o.args for o in ops[i:j]]
+            if (many := q.MANY.get(ops[i].sql)) is not None and len(rows) > 1:
+                # one statement for them all: each argument but the last (the instance) an array
+                await conn.execute(many, *[list(col) for col in zip(*[r[:-1] for r in rows], strict=True)],
+                                   self.instance)
+            else:
+                await conn.executemany(ops[i].sql, rows)
             i = j
         for payload in notices.encode("e", ended) + (["q"] if requeued else []):
             await conn.execute(q.NOTIFY, self.channel, payload)
@@ -288,7 +301,8 @@ class PgStore:
 
     # -- the queue
     async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
-        await self.committed()  # this host's retries and releases first: they may be claimed again
+        if self._requeued:  # this host's pending retries and releases first: they may be claimed again
+            await self.committed()
         rows = await self.fetch(q.CLAIM, limit, self.instance)
         self._queued = max(0, self._queued - len(rows))
         return sorted((Claimed(*r) for r in rows), key=lambda c: (-c.priority, c.seq))
@@ -299,11 +313,14 @@ class PgStore:
         self._requeued = self._requeued or bool(jobs)
 
     def start(self, seq: int, started_at: float, worker: str) -> None:
+        self._starts[seq] = len(self._pending)
         self._add(Op(q.START, (seq, started_at, worker, self.instance)))
 
     def finish(self, c: Claimed, state: str, started_at: float, worker: str, start_written: bool, *,
                result_json: str | None = None, error: dict[str, Any] | None = None,
                progress: dict[str, Any] | None = None) -> None:
+        if (k := self._starts.pop(c.seq, None)) is not None:
+            self._pending[k] = None  # started and ended before either was written: the FINISH says both
         self._add(Op(q.FINISH, (state, result_json, _dumps(error), _dumps(progress), time.time(), started_at,
                                 worker, c.seq, c.attempts + 1, self.instance)))
         self._ended.append(c.id)
