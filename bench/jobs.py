@@ -27,8 +27,8 @@ def _append(path: str, line: str) -> None:
 
 
 def record(path: str, tag: str, spin: float = 0.0) -> str:
-    """Appends one line "<job id> <start time> <pid> <tag>" to `path`, busy-loops for `spin`
-    seconds, appends "<job id> <end time> <pid> <tag> end", returns `tag`.
+    """Appends one line "<job id> <start time> <pid> <tag> <spin>" to `path`, busy-loops for
+    `spin` seconds, appends "<job id> <end time> <pid> <tag> end", returns `tag`.
 
     Each start line is one execution of the job: the crash loop counts them and dates them.
     """
@@ -36,7 +36,7 @@ def record(path: str, tag: str, spin: float = 0.0) -> str:
     import time
 
     jid = os.environ.get("POOLD_JOB_ID", "-")
-    _append(path, f"{jid} {time.time():.6f} {os.getpid()} {tag}\n")
+    _append(path, f"{jid} {time.time():.6f} {os.getpid()} {tag} {spin}\n")
     end = time.monotonic() + spin
     while time.monotonic() < end:
         pass

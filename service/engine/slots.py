@@ -244,6 +244,9 @@ class Slots:
         task.add_done_callback(self._tasks.discard)
 
     def _end_broken(self, slot: Slot, exc: BaseException | None) -> None:
+        # what the worker said before it died first: a job it started (or ended) is no job to give
+        # back as never started
+        self.drain(slot)
         batches, slot.batches = slot.batches, []
         for batch in batches:
             self.owner.batch_ended(slot, batch, exc or RuntimeError("the worker died"))

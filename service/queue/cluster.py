@@ -73,6 +73,11 @@ class HostKeeper:
         sched = self.scheduler
         held = {j: (sched.running.get(j), sched.dispatched.get(j))
                 for j in {*sched.running, *sched.dispatched}}
+        stray = await self.store.unstarted_claims()
+        if stray:  # claimed in the database, unknown here (a claim's answer lost): back to the queue
+            if lost := [c for c in stray if c.id not in sched.dispatched and c.id not in sched.running]:
+                log.warning("%d jobs claimed here but never received go back to the queue", len(lost))
+                self.store.release(lost)
         if held and (gone := await self.store.not_running_here(list(held))):
             # a cancel (or a rescue) whose notice did not reach here; not a job that ended and
             # was claimed again while the store was asked

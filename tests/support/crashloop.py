@@ -264,9 +264,10 @@ class Result:
 
 def _double_runs(spans: dict[str, list[tuple[float, float | None]]], kills: list[float],
                  ended_by: float) -> list[str]:
-    """Jobs with two executions under way at once. An execution with no end line was cut off by
-    the disruption that followed its start: it ended by that time + `ended_by` at the latest
-    (0.25 s for a SIGKILL, whose workers die with it; a host's lease for a SIGSTOP)."""
+    """Jobs with two executions under way at once. An execution with neither an end line nor a
+    known length was cut off by the disruption that followed its start: it ended by that time +
+    `ended_by` at the latest (0.25 s for a SIGKILL, whose workers die with it; a host's lease
+    for a SIGSTOP)."""
     out = []
     for tag, runs in spans.items():
         if len(runs) < 2:
@@ -374,19 +375,21 @@ def run(
     # a PostgreSQL store has no file to check (the database keeps its own consistency)
     res.integrity = "ok" if ctl.store.startswith("postgresql") else integrity(ctl.store)
 
-    # executions, one line each: "<job id> <start time> <pid> <tag>", and "... end" when it ended
+    # executions, one line each: "<job id> <start time> <pid> <tag> <spin>", and
+    # "<job id> <end time> <pid> <tag> end" when it ended
     execs: dict[str, list[float]] = collections.defaultdict(list)
     spans: dict[str, list[tuple[float, float | None]]] = collections.defaultdict(list)
     with contextlib.suppress(FileNotFoundError), open(record) as f:
         for line in f:
             parts = line.split()
-            if len(parts) == 4:
+            if len(parts) == 5 and parts[4] != "end":
                 execs[parts[3]].append(float(parts[1]))
-                spans[parts[3]].append((float(parts[1]), None))
+                # a run cut off before its end line ended by its spin's end at the latest
+                spans[parts[3]].append((float(parts[1]), float(parts[1]) + float(parts[4]) + 0.05))
             elif len(parts) == 5 and parts[4] == "end":
                 runs = spans[parts[3]]
-                for i in range(len(runs) - 1, -1, -1):  # the latest open run of that job
-                    if runs[i][1] is None:
+                for i in range(len(runs) - 1, -1, -1):  # the latest run of that job, ended here
+                    if runs[i][1] is None or runs[i][0] <= float(parts[1]):
                         runs[i] = (runs[i][0], float(parts[1]))
                         break
     res.double_runs = _double_runs(spans, kills, ended_by)

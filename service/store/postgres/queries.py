@@ -86,6 +86,7 @@ WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' ORDER BY priority DESC
   AND EXISTS (SELECT 1 FROM hosts WHERE instance = $2 AND state <> 'dead')
 RETURNING {CLAIMED}
 """
+UNSTARTED = f"SELECT {CLAIMED} FROM jobs WHERE state = 'running' AND claim = $1 AND started_at IS NULL"
 RELEASE = """
 UPDATE jobs SET state = 'queued', attempts = attempts - 1, claim = NULL
 WHERE seq = $1 AND attempts = $2 AND state = 'running' AND claim = $3

@@ -71,6 +71,7 @@ class PgStore:
         self._waiters: list[tuple[int, asyncio.Future[None] | Callable[[], None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.hosts = Hosts(self)
+        self._claiming = self._claims = 0  # claims in flight, and made so far (unstarted_claims)
 
     # -- life
     async def open(self) -> None:
@@ -301,11 +302,30 @@ class PgStore:
 
     # -- the queue
     async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
-        if self._requeued:  # this host's pending retries and releases first: they may be claimed again
-            await self.committed()
-        rows = await self.fetch(q.CLAIM, limit, self.instance)
+        self._claiming += 1
+        self._claims += 1
+        try:
+            if self._requeued:  # this host's pending retries and releases first: they may be claimed again
+                await self.committed()
+            rows = await self.fetch(q.CLAIM, limit, self.instance)
+        finally:
+            self._claiming -= 1
         self._queued = max(0, self._queued - len(rows))
         return sorted((Claimed(*r) for r in rows), key=lambda c: (-c.priority, c.seq))
+
+    async def unstarted_claims(self) -> list[Claimed] | None:
+        """This instance's claimed jobs that never started, for the caller to release those it
+        does not hold: a claim the database took whose answer was lost on the way (the
+        connection cut) would hold them for good. None when a claim ran meanwhile (its jobs
+        may be on their way to a worker), or a write was pending (a job that ended may not show
+        its start yet): ask again later."""
+        before = (self._claims, self._written)
+        if self._claiming or self._done < self._written:
+            return None
+        rows = await self.fetch(q.UNSTARTED, self.instance)
+        if self._claiming or (self._claims, self._written) != before:
+            return None
+        return [Claimed(*r) for r in rows]
 
     def release(self, jobs: list[Claimed]) -> None:
         for c in jobs:
