@@ -20,7 +20,8 @@ async def connect_pool(url: str, schema: str, size: int = 4) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(url, min_size=1, max_size=size, timeout=CONNECT_TIMEOUT,
                                      command_timeout=COMMAND_TIMEOUT,
                                      server_settings={"search_path": schema,
-                                                      "application_name": "poold"})
+                                                      "application_name": "poold",
+                                                      "plan_cache_mode": "force_custom_plan"})
     assert pool is not None
     return pool
 
