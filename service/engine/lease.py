@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 POLL = 0.05  # seconds between a worker's looks at the lease
 EXPIRED_EXIT = 75  # a worker's exit status when it ended its job for an expired lease
@@ -45,13 +45,24 @@ def watch(value: Any, running: Callable[[], str | None]) -> None:
     threading.Thread(target=_watch, args=(value, running), name="poold-lease", daemon=True).start()
 
 
+def out(value: Any) -> bool:
+    """In a worker: the lease has run out (checked again before each job starts: a worker
+    blocked on a full pipe while its owner was frozen must not start one once it thaws)."""
+    d = float(value.value)
+    return bool(d) and now() >= d
+
+
+def end(job: str) -> NoReturn:
+    """Ends the job's tree and the worker: the lease is out."""
+    _end_tree(job)
+    os._exit(EXPIRED_EXIT)
+
+
 def _watch(value: Any, running: Callable[[], str | None]) -> None:
     while True:
         time.sleep(POLL)
-        d = float(value.value)
-        if d and now() >= d and (job := running()) is not None:
-            _end_tree(job)
-            os._exit(EXPIRED_EXIT)
+        if out(value) and (job := running()) is not None:
+            end(job)
 
 
 def _end_tree(job: str) -> None:

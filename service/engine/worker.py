@@ -41,6 +41,7 @@ _events: Any = None  # multiprocessing Connection: worker -> parent
 _control: Any = None  # multiprocessing Connection: parent -> worker (ids not to start)
 _cancelled: set[str] = set()
 _lifeline: list[Any] = []  # the read end of the owner's lifeline pipe: readable (EOF) once it died
+_lease: list[Any] = []  # a cluster host's lease (service.engine.lease), when it keeps one
 _functions: dict[str, Any] = {}
 _ledger = _Ledger(None)  # where this worker notes each start before it makes it (service.engine.ledger)
 _setup = WorkerSetup(0)
@@ -72,6 +73,7 @@ def init(setup: WorkerSetup, events: Any, control: Any, lifeline: Any, lease_val
     _channel.send = lambda msg: send(encode(Progress(msg[1], *msg[2])))
     guard.watch_owner(lifeline)
     if lease_value is not None:
+        _lease.append(lease_value)
         lease.watch(lease_value, lambda: _channel.job_id)
     for mod in setup.preload:
         __import__(mod)
@@ -181,6 +183,8 @@ def run_batch(jobs: list[Job], max_result_bytes: int, max_memory_mb: int) -> int
         if type(job) is JsonJob:  # before anyone can know it started: see service.engine.ledger
             _ledger.mark(job.seq, job.attempts, now)
         send(encode(Started(jid, now) if ended is None else Done(*ended, jid, now)))
+        if _lease and lease.out(_lease[0]):  # (the send may have waited on a frozen owner)
+            lease.end(jid)
         _channel.job_id = jid
         os.environ[_JOB_VAR] = jid  # what the job starts carries it: its leftovers can be told apart
         t = time.perf_counter()

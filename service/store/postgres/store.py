@@ -12,13 +12,11 @@ by NOTIFY (service.store.postgres.listener).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -28,6 +26,7 @@ from service.store.postgres import notices
 from service.store.postgres import queries as q
 from service.store.postgres.hosts import Hosts
 from service.store.postgres.schema import connect_pool, migrate
+from service.store.postgres.writes import Op, Writes
 from service.store.sqlite.jobjson import job_json
 
 log = logging.getLogger("poold.store")
@@ -40,13 +39,6 @@ _FAILURES = (OSError, asyncpg.PostgresConnectionError, asyncpg.OperatorIntervent
              asyncpg.InterfaceError, TimeoutError, asyncpg.TransactionRollbackError,
              asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError,
              asyncpg.InternalClientError)  # (a connection cut in mid-transaction can end in this)
-
-
-class Op(NamedTuple):
-    """One gathered write: its statement and arguments."""
-
-    sql: str
-    args: tuple[Any, ...]
 
 
 class PgStore:
@@ -63,13 +55,7 @@ class PgStore:
         self.beats: asyncpg.Pool | None = None  # heartbeats' own connection: never queued behind requests
         self.healthy, self.last_error = True, ""
         self._queued = 0
-        self._pending: list[Op | None] = []  # None: a START its job's FINISH made needless
-        self._starts: dict[int, int] = {}  # seq -> index in _pending of its START not yet written
-        self._ended: list[str] = []  # ids ended by the pending writes (NOTIFY "e")
-        self._requeued = False  # the pending writes put jobs back in the queue (NOTIFY "q")
-        self._written = self._done = 0  # writes asked for, and committed, so far
-        self._waiters: list[tuple[int, asyncio.Future[None] | Callable[[], None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self.writes = Writes(self.tx, self.channel, self.instance, self._set_queued)
         self.hosts = Hosts(self)
         self._claiming = self._claims = 0  # claims in flight, and made so far (unstarted_claims)
 
@@ -90,6 +76,9 @@ class PgStore:
     @property
     def queued(self) -> int:
         return self._queued
+
+    def _set_queued(self, n: int) -> None:
+        self._queued = n
 
     async def refresh_queued(self) -> None:
         """The cluster's queued count (another host's submits are not seen otherwise)."""
@@ -132,93 +121,12 @@ class PgStore:
         self._ok()
         return out
 
-    # -- gathered writes (start, finish, retry, release)
-    def _add(self, op: Op) -> None:
-        self._pending.append(op)
-        self._written += 1
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(),
-                                                                   name="poold store writes")
-
-    async def _flush_loop(self) -> None:
-        """Commits what is pending, again and again, until nothing is; backs off while down."""
-        pause = 0.0
-        try:
-            while self._pending:
-                await asyncio.sleep(pause)  # 0 the first time: what this loop iteration writes joins
-                ops = [o for o in self._pending if o is not None]
-                ended, requeued, upto = self._ended, self._requeued, self._written
-                self._pending, self._ended, self._requeued, self._starts = [], [], False, {}
-                try:
-                    await self.tx(functools.partial(self._write, ops=ops, ended=ended, requeued=requeued))
-                except Exception as e:  # kept and tried again, whatever it was: a job's end must not be
-                    if not isinstance(e, StoreError):  # lost, nor its waiters left waiting
-                        log.exception("writing %d job changes failed; trying again", len(ops))
-                        e = StoreError(_say(e))
-                    self._pending, self._ended = [*ops, *self._pending], ended + self._ended
-                    self._starts = {o.args[0]: i for i, o in enumerate(self._pending)
-                                    if o is not None and o.sql is q.START}
-                    self._requeued = self._requeued or requeued
-                    self._settle(upto, e)
-                    pause = min(max(2 * pause, 0.1), 2.0)
-                    continue
-                pause = 0.0
-                self._done = upto
-                self._settle(upto, None)
-        finally:
-            self._flusher = None
-
-    async def _write(self, conn: asyncpg.Connection, *, ops: list[Op], ended: list[str],
-                     requeued: bool) -> None:
-        i = 0
-        while i < len(ops):  # runs of one statement go as one executemany, in their order
-            j = i
-            while j < len(ops) and ops[j].sql is ops[i].sql:
-                j += 1
-            rows = [o.args for o in ops[i:j]]
-            if (many := q.MANY.get(ops[i].sql)) is not None and len(rows) > 1:
-                # one statement for them all: each argument but the last (the instance) an array
-                await conn.execute(many, *[list(col) for col in zip(*[r[:-1] for r in rows], strict=True)],
-                                   self.instance)
-            else:
-                await conn.executemany(ops[i].sql, rows)
-            i = j
-        for payload in notices.encode("e", ended) + (["q"] if requeued else []):
-            await conn.execute(q.NOTIFY, self.channel, payload)
-        if requeued:  # a discarded retry or release must not count: counted afresh
-            self._queued = int(await conn.fetchval(q.COUNT_QUEUED))
-
-    def _settle(self, upto: int, error: StoreError | None) -> None:
-        """Wakes committed() callers (with the error, if it failed) and runs after_commit callbacks."""
-        keep: list[tuple[int, asyncio.Future[None] | Callable[[], None]]] = []
-        for target, w in self._waiters:
-            if isinstance(w, asyncio.Future):
-                if w.done():
-                    continue
-                if error is not None:
-                    w.set_exception(StoreError(str(error)))
-                elif target <= upto:
-                    w.set_result(None)
-                else:
-                    keep.append((target, w))
-            elif error is None and target <= upto:
-                w()
-            else:
-                keep.append((target, w))
-        self._waiters = keep
-
+    # -- gathered writes (service.store.postgres.writes)
     async def committed(self) -> None:
-        if self._done >= self._written:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((self._written, fut))
-        await fut
+        await self.writes.committed()
 
     def after_commit(self, cb: Callable[[], None]) -> None:
-        if self._done >= self._written:
-            asyncio.get_running_loop().call_soon(cb)
-        else:
-            self._waiters.append((self._written, cb))
+        self.writes.after_commit(cb)
 
     def repair(self) -> None:
         pass  # the pool reconnects by itself; pending writes retry on their own
@@ -233,22 +141,13 @@ class PgStore:
         pass  # see aclose
 
     async def settle(self, patience: float) -> bool:
-        """Waits up to `patience` seconds for every write so far to commit, through failures
-        (the flush retries on its own); whether they all did."""
-        end = time.monotonic() + patience
-        while self._done < self._written and time.monotonic() < end:
-            try:
-                await asyncio.wait_for(self.committed(), max(0.01, end - time.monotonic()))
-            except (StoreError, TimeoutError):
-                await asyncio.sleep(0.1)
-        return self._done >= self._written
+        """Waits up to `patience` seconds for every write so far to commit; whether they did."""
+        return await self.writes.settle(patience)
 
     async def aclose(self) -> None:
         if not await self.settle(10.0):
-            log.error("%d job changes could not be written before the store closed", len(self._pending))
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+            log.error("%d job changes could not be written before the store closed", self.writes.pending)
+        await self.writes.close()
         for pool in (self.pool, self.beats):
             if pool is not None:
                 await pool.close()
@@ -305,7 +204,7 @@ class PgStore:
         self._claiming += 1
         self._claims += 1
         try:
-            if self._requeued:  # this host's pending retries and releases first: they may be claimed again
+            if self.writes.requeued:  # this host's pending retries and releases first: claimable again
                 await self.committed()
             rows = await self.fetch(q.CLAIM, limit, self.instance)
         finally:
@@ -319,36 +218,30 @@ class PgStore:
         connection cut) would hold them for good. None when a claim ran meanwhile (its jobs
         may be on their way to a worker), or a write was pending (a job that ended may not show
         its start yet): ask again later."""
-        before = (self._claims, self._written)
-        if self._claiming or self._done < self._written:
+        before = (self._claims, self.writes.written)
+        if self._claiming or self.writes.pending:
             return None
         rows = await self.fetch(q.UNSTARTED, self.instance)
-        if self._claiming or (self._claims, self._written) != before:
+        if self._claiming or (self._claims, self.writes.written) != before:
             return None
         return [Claimed(*r) for r in rows]
 
     def release(self, jobs: list[Claimed]) -> None:
         for c in jobs:
-            self._add(Op(q.RELEASE, (c.seq, c.attempts + 1, self.instance)))
-        self._requeued = self._requeued or bool(jobs)
+            self.writes.add(Op(q.RELEASE, (c.seq, c.attempts + 1, self.instance)), requeues=True)
 
     def start(self, seq: int, started_at: float, worker: str) -> None:
-        self._starts[seq] = len(self._pending)
-        self._add(Op(q.START, (seq, started_at, worker, self.instance)))
+        self.writes.add(Op(q.START, (seq, started_at, worker, self.instance)))
 
     def finish(self, c: Claimed, state: str, started_at: float, worker: str, start_written: bool, *,
                result_json: str | None = None, error: dict[str, Any] | None = None,
                progress: dict[str, Any] | None = None) -> None:
-        if (k := self._starts.pop(c.seq, None)) is not None:
-            self._pending[k] = None  # started and ended before either was written: the FINISH says both
-        self._add(Op(q.FINISH, (state, result_json, _dumps(error), _dumps(progress), time.time(), started_at,
-                                worker, c.seq, c.attempts + 1, self.instance)))
-        self._ended.append(c.id)
+        self.writes.add(Op(q.FINISH, (state, result_json, _dumps(error), _dumps(progress), time.time(),
+                                      started_at, worker, c.seq, c.attempts + 1, self.instance)), ended=c.id)
 
     def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
         token = None if attempts is None else attempts + 1
-        self._add(Op(q.RETRY, (seq, json.dumps(error), self.instance, token)))
-        self._requeued = True
+        self.writes.add(Op(q.RETRY, (seq, json.dumps(error), self.instance, token)), requeues=True)
 
     async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
                      queued_only: bool = False) -> str | None:
