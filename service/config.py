@@ -20,9 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from service import schedule
-from service.schedule import Schedule
-
 # `poold serve` flags, by the key each overrides (for messages)
 FLAG_NAMES = {"server.host": "--host", "server.port": "--port", "pool.workers": "--workers",
               "store.path": "--store", "store.url": "--store", "log.level": "--log-level"}
@@ -68,7 +65,6 @@ class JobsConfig:
     max_queue: int = 100000
     result_ttl: float = 86400.0
     max_result_bytes: int = 10485760
-    concurrency: tuple[tuple[str, int], ...] = ()  # (pattern, limit): at most limit running at once
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,6 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    schedules: tuple[Schedule, ...] = ()  # the [[schedule]] tables
     source: str = "<defaults>"  # where it was read from, for messages
     path: str | None = None  # the file, re-read on reload
     flags: tuple[tuple[str, Any], ...] = ()  # command-line values, applied again on reload
@@ -166,40 +161,8 @@ _CHOICES = {
 }
 
 
-def _concurrency(value: Any, where: str, key: str) -> tuple[tuple[str, int], ...]:
-    """`[jobs] concurrency = {"module:name" = N, "module:*" = N}`, N >= 1."""
-    if not isinstance(value, dict):
-        raise ConfigError(where, key, f"expected a table of 'module:name' or 'module:*' = N, got {value!r}")
-    for pattern, n in value.items():
-        mod, sep, attr = pattern.partition(":")
-        if not sep or not all(p.isidentifier() for p in mod.split(".")) \
-                or not (attr == "*" or attr.isidentifier()):
-            raise ConfigError(where, key, f"{pattern!r} is not 'module:name' or 'module:*'")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(where, f"{key}.{pattern}", f"expected an integer >= 1, got {n!r}")
-    return tuple(sorted(value.items()))
-
-
-def _schedules(tables: Any, where: str) -> tuple[Schedule, ...]:
-    """The [[schedule]] tables; an error names schedule[N].KEY, and the schedule's name."""
-    if not isinstance(tables, list):
-        raise ConfigError(where, "schedule", "expected [[schedule]] tables")
-    out: list[Schedule] = []
-    for i, table in enumerate(tables):
-        try:
-            out.append(schedule.parse(table, i, {s.name for s in out}))
-        except schedule.ScheduleError as e:
-            name = table.get("name") if isinstance(table, dict) else None
-            beside = f" ({name})" if isinstance(name, str) and name and e.key != "name" else ""
-            key = f"schedule[{i}]{'.' + e.key if e.key else ''}{beside}"
-            raise ConfigError(where, key, e.message) from None
-    return tuple(out)
-
-
 def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
     """Checks `value` against the type of the key's default; returns the typed value."""
-    if key == "jobs.concurrency":
-        return _concurrency(value, where, key)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -356,7 +319,6 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     values: dict[str, dict[str, Any]] = {}
     origins: dict[str, str] = {}  # "section.key" -> the file, variable or flag that set it
     source = "<defaults>"
-    schedules: tuple[Schedule, ...] = ()
     if path is not None:
         source = os.fspath(path)
         try:
@@ -366,8 +328,6 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(source, "", f"invalid TOML: {e}") from None
-        if "schedule" in data:
-            schedules = _schedules(data.pop("schedule"), source)
         for section, table in data.items():
             if section not in _TYPES:
                 raise ConfigError(source, section, f"unknown section [{section}]")
@@ -385,7 +345,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             _apply(values, section, key, value, FLAG_NAMES.get(name, "--" + key.replace("_", "-")),
                    origins)
     cfg = Config(**{s: _TYPES[s](**values.get(s, {})) for s in _TYPES},  # type: ignore[arg-type]
-                 schedules=schedules, source=source, path=None if path is None else os.fspath(path),
+                 source=source, path=None if path is None else os.fspath(path),
                  flags=tuple((k, v) for k, v in (flags or {}).items() if v is not None))
     _check_whole(cfg, origins)
     return cfg
@@ -425,23 +385,10 @@ def _check_whole(cfg: Config, origins: dict[str, str]) -> None:
                     f" got {c.host_timeout:g}", "cluster.heartbeat_interval")
     if cfg.jobs.default_timeout > cfg.jobs.max_timeout:
         raise error("jobs.default_timeout", "must not exceed jobs.max_timeout", "jobs.max_timeout")
-    for i, sch in enumerate(cfg.schedules):
-        if not _allowed(sch.fn, cfg.jobs.allow):
-            raise ConfigError(cfg.source, f"schedule[{i}].fn ({sch.name})",
-                              f"{sch.fn!r} is not matched by jobs.allow")
-        if sch.timeout is not None and sch.timeout > cfg.jobs.max_timeout:
-            raise ConfigError(cfg.source, f"schedule[{i}].timeout ({sch.name})",
-                              f"must not exceed jobs.max_timeout ({cfg.jobs.max_timeout:g})")
     if not is_loopback(s.host) and not (s.token or s.token_file):
         raise error("server.host",
                     f"{s.host!r} is not a loopback address: set server.token to listen there",
                     "server.token", "server.token_file")
-
-
-def _allowed(fn: str, allow: tuple[str, ...]) -> bool:
-    """Whether an allow list entry matches fn by name (the workers judge the rest)."""
-    mod, _, attr = fn.partition(":")
-    return any(p == fn or (p == f"{mod}:*" and not attr.startswith("_")) for p in allow)
 
 
 def is_loopback(host: str) -> bool:

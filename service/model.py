@@ -16,11 +16,8 @@ from typing import Any
 
 
 class State(StrEnum):
-    """A job's state (CONTRACT.md, "Job"): [waiting →] [scheduled →] queued → running → one of
-    the final four."""
+    """A job's state (CONTRACT.md, "Job"): queued → running → one of the final four."""
 
-    SCHEDULED = "scheduled"  # due later (run_at, delay, a retry's back-off)
-    WAITING = "waiting"  # for the jobs named in `after`
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -31,12 +28,7 @@ class State(StrEnum):
 
 FINAL_STATES: tuple[str, ...] = (State.SUCCEEDED.value, State.FAILED.value, State.TIMED_OUT.value,
                                  State.CANCELLED.value)
-STATES: tuple[str, ...] = (State.SCHEDULED.value, State.WAITING.value, State.QUEUED.value,
-                           State.RUNNING.value, *FINAL_STATES)
-# not started: what a cancel with queued_only may still take
-PENDING_STATES: tuple[str, ...] = (State.SCHEDULED.value, State.WAITING.value, State.QUEUED.value)
-# a key held by one of these is taken, whatever unique_while says
-ACTIVE_STATES: tuple[str, ...] = (*PENDING_STATES, State.RUNNING.value)
+STATES: tuple[str, ...] = (State.QUEUED.value, State.RUNNING.value, *FINAL_STATES)
 
 
 class ErrorType(StrEnum):
@@ -49,20 +41,6 @@ class ErrorType(StrEnum):
     RESULT_TOO_LARGE = "result_too_large"
     INTERRUPTED = "interrupted"
     FUNCTION_NOT_FOUND = "function_not_found"
-    DEPENDENCY_FAILED = "dependency_failed"
-    RESOURCE_LIMIT = "resource_limit"
-
-
-BACKOFF_CAP = 3600.0  # seconds: the longest wait before a retry
-BACKOFF_JITTER = 0.1
-
-
-def backoff(retry_delay: float, attempt: int, jitter: float) -> float:
-    """Seconds from the end of attempt `attempt` (from 1) to its retry (CONTRACT.md,
-    `retry_delay`): min(retry_delay * 2^(k-1), 3600) * (1 + j), j = 0.1 * jitter, jitter in [0, 1]."""
-    if retry_delay <= 0:
-        return 0.0
-    return min(retry_delay * 2.0 ** min(attempt - 1, 64), BACKOFF_CAP) * (1 + BACKOFF_JITTER * jitter)
 
 
 def job_error(kind: ErrorType | str, message: str, exc: BaseException | None = None) -> dict[str, Any]:

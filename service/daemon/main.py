@@ -32,7 +32,6 @@ from service.engine.procs import leftovers, supervisor
 from service.http.routes import Context, make_app, refuse_expectation
 from service.http.runner import Runner
 from service.queue.allow import Allow
-from service.queue.clock import Clock
 from service.queue.dispatcher import Scheduler
 from service.queue.metrics import Metrics
 
@@ -211,14 +210,11 @@ async def _serve(cfg: Config, early: list[int]) -> int:
     metrics = Metrics(lambda: scheduler.state())
     scheduler = Scheduler(cfg, store, metrics, host=opened.host, poll=opened.poll)
     keeper = _keeper(cfg, store, scheduler)
-    clock = Clock(cfg, store, scheduler)
-    if keeper is not None:
-        keeper.on_resolve = clock.poke
     # function lookups run in a process of the pool's, never here (service.engine.probe)
     probe = Probe(cfg.pool.start_method, getattr(scheduler.pool, "_lifeline_r", None))
     ctx = Context(cfg=cfg, store=store, scheduler=scheduler, metrics=metrics,
                   allow=Allow(cfg.jobs.allow, probe), token=cfg.token, version=service.__version__,
-                  cluster=None if keeper is None else keeper.store.hosts, clock=clock)
+                  cluster=None if keeper is None else keeper.store.hosts)
     try:
         # the sockets first: a port in use is said at once, before any worker is started
         async with _listening(make_app(ctx), cfg) as where:
@@ -226,7 +222,7 @@ async def _serve(cfg: Config, early: list[int]) -> int:
             probe.start()
             log.info("poold %s serving on %s with %s (%s), store %s", service.__version__,
                      ", ".join(where), _workers(cfg.pool.size), cfg.pool.start_method, cfg.store.where)
-            watch_task = loop.create_task(_both(loop.create_task(Watch(ctx).run()), clock.run()))
+            watch_task = loop.create_task(Watch(ctx).run())
             if keeper is not None:
                 keeper.renew(keeper.store.hosts.registered_at)  # the first lease: from the registration
                 watch_task = loop.create_task(_both(watch_task, keeper.run()))
@@ -306,8 +302,6 @@ def _reload(ctx: Context) -> None:
         ctx.allow.probe.start()
     ctx.cfg, ctx.token, ctx.allow = new, token, Allow(new.jobs.allow, ctx.allow.probe)
     ctx.scheduler.reconfigure(new)
-    if ctx.clock is not None:
-        ctx.clock.reconfigure(new)
     log.info("configuration reloaded: %s, allow %s", _workers(new.pool.size), ", ".join(new.jobs.allow))
     systemd.notify("READY=1", f"STATUS=configuration reloaded: {_workers(new.pool.size)}")
 

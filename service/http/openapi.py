@@ -72,24 +72,6 @@ QUEUE_FULL = {**_error("More than `jobs.max_queue` jobs would be queued.", "queu
 JOB_ID = {"name": "id", "in": "path", "required": True, "description": "The job's id.",
           "schema": {"type": "string"}}
 
-SCHEDULE_NAME = {"name": "name", "in": "path", "required": True, "description": "The schedule's name.",
-                 "schema": {"type": "string"}}
-SCHEDULE: Schema = {
-    "type": "object",
-    "required": ["name", "fn", "cron", "every", "timezone", "next_fire_at", "last_fire_at", "last_job",
-                 "paused"],
-    "properties": {
-        "name": {"type": "string"}, "fn": {"type": "string"},
-        "cron": _nullable({"type": "string"}, "Five-field cron."),
-        "every": _nullable({"type": "number"}, "Seconds; ticks at multiples since the epoch."),
-        "timezone": {"type": "string"},
-        "next_fire_at": _nullable({"type": "string", "format": "date-time"}, "null while paused."),
-        "last_fire_at": _nullable({"type": "string", "format": "date-time"}, "The last tick fired."),
-        "last_job": _nullable({"type": "string"}, "The job of the last tick fired."),
-        "paused": {"type": "boolean"}, "overlap": {"type": "boolean"},
-    },
-}
-
 JOB_SPEC: Schema = {
     "type": "object",
     "description": "What to run. Only `fn` is required. Any other field, a wrong type or an "
@@ -115,22 +97,6 @@ JOB_SPEC: Schema = {
         "key": _nullable({"type": "string", "minLength": 1, "maxLength": 200, "default": None},
                          "Idempotency key: a submission whose key is already used by a kept job "
                          "returns that job (200) and enqueues nothing."),
-        "run_at": {"type": "string", "format": "date-time",
-                   "description": "RFC 3339 with a zone: the job is `scheduled` until then; not with "
-                                  "`delay`."},
-        "delay": {"type": "number", "minimum": 0, "description": "Seconds from now; as `run_at`."},
-        "after": {"type": "array", "maxItems": 100, "items": {"type": "string"},
-                  "description": "Job ids that must succeed first (the job is `waiting`); in a batch, "
-                                 "`#N` names the batch's N-th spec. An unknown id is 422."},
-        "after_failure": {"type": "string", "enum": ["fail", "run"], "default": "fail",
-                          "description": "`fail`: a dependency that fails fails this job "
-                                         "(`dependency_failed`) without running; `run`: it runs anyway."},
-        "retry_delay": {"type": "number", "minimum": 0, "default": 0,
-                        "description": "A retry waits `min(retry_delay * 2^(k-1), 3600) * (1 + j)` "
-                                       "seconds after attempt k (j in [0, 0.1]), `scheduled`."},
-        "unique_while": {"type": "string", "enum": ["kept", "active"], "default": "kept",
-                         "description": "`kept`: any kept job with the key is returned; `active`: only "
-                                        "one not ended."},
     },
 }
 
@@ -151,15 +117,6 @@ JOB: Schema = {
         "retries": {"type": "integer", "minimum": 0, "maximum": 100},
         "attempts": {"type": "integer", "minimum": 0, "description": "Attempts started so far."},
         "key": _nullable({"type": "string"}, "The idempotency key, if any."),
-        "scheduled_at": _nullable({"type": "string", "format": "date-time"},
-                                  "When it becomes due (null: due at once)."),
-        "after": {"type": "array", "items": {"type": "string"}, "description": "The job ids it waits for."},
-        "after_failure": {"type": "string", "enum": ["fail", "run"]},
-        "retry_delay": {"type": "number"},
-        "unique_while": {"type": "string", "enum": ["kept", "active"]},
-        "schedule": _nullable({"type": "object", "required": ["name", "fire_at"], "properties": {
-            "name": {"type": "string"}, "fire_at": {"type": "string", "format": "date-time"}}},
-            "The schedule tick that made the job."),
         "created_at": {"type": "string", "format": "date-time", "example": "2026-11-24T12:00:00.000000Z"},
         "started_at": _nullable({"type": "string", "format": "date-time"}, "When the last attempt started."),
         "finished_at": _nullable({"type": "string", "format": "date-time"}, "When the job finished."),
@@ -355,19 +312,6 @@ def _paths() -> Schema:
             "listHosts", "workers", "List the cluster's hosts",
             "Every host sharing the store (PostgreSQL), dead ones included; on SQLite, this one.",
             {"200": _json("The hosts.", _list("hosts", "Host")), "503": STORE_UNAVAILABLE})},
-        "/v1/schedules": {"get": _op(
-            "listSchedules", "jobs", "List the periodic schedules",
-            "The `[[schedule]]` tables in force, with their next and last ticks.",
-            {"200": _json("The schedules.", {"type": "object", "required": ["schedules"], "properties": {
-                "schedules": {"type": "array", "items": _ref("Schedule")}}}), "503": STORE_UNAVAILABLE})},
-        "/v1/schedules/{name}/pause": {"post": _op(
-            "pauseSchedule", "jobs", "Pause a schedule", "Kept across restarts until a reload changes it.",
-            {"200": _json("The schedule.", _ref("Schedule")), "404": NOT_FOUND, "503": STORE_UNAVAILABLE},
-            parameters=[SCHEDULE_NAME])},
-        "/v1/schedules/{name}/resume": {"post": _op(
-            "resumeSchedule", "jobs", "Resume a schedule", "It fires again from its next tick.",
-            {"200": _json("The schedule.", _ref("Schedule")), "404": NOT_FOUND, "503": STORE_UNAVAILABLE},
-            parameters=[SCHEDULE_NAME])},
         "/health": {"get": _op(
             "getHealth", "operations", "Health check",
             "Never requires a token.", auth=False, security=[],
@@ -404,8 +348,7 @@ def document(version: str) -> dict[str, Any]:
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
                 "description": "Required only when a token is configured."}},
-            "schemas": {"JobSpec": JOB_SPEC, "Job": JOB, "Schedule": SCHEDULE, "Worker": WORKER, "Host": HOST,
-                        "Error": ERROR,
+            "schemas": {"JobSpec": JOB_SPEC, "Job": JOB, "Worker": WORKER, "Host": HOST, "Error": ERROR,
                         "Health": HEALTH, "WaitRequest": WAIT_REQUEST},
         },
     })

@@ -23,10 +23,9 @@ from service.http import openapi, spec
 from service.http.spec import ApiError
 from service.model import FINAL_STATES, STATES, iso
 from service.queue.allow import Allow
-from service.queue.clock import Clock
 from service.queue.dispatcher import Scheduler
 from service.queue.metrics import CONTENT_TYPE, Metrics
-from service.store.base import Cluster, JobStore, NewJob, StoreError, UnknownDependency
+from service.store.base import Cluster, JobStore, StoreError
 
 log = logging.getLogger("poold.api")
 
@@ -45,7 +44,6 @@ class Context:
     draining: bool = False
     extra_health: list[Callable[[], str | None]] = field(default_factory=list)
     cluster: Cluster | None = None  # the hosts sharing the store (PostgreSQL)
-    clock: Clock | None = None  # delays, dependencies, schedules
     started_at: float = field(default_factory=time.time)
 
 
@@ -84,8 +82,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.code, e.message, e.headers)
-    except UnknownDependency as e:
-        return error_response(422, "invalid_request", str(e))
     except StoreError as e:
         return error_response(503, "store_unavailable", f"the job store cannot be written: {e}",
                               {"Retry-After": "1"})
@@ -143,9 +139,9 @@ async def submit(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     _refuse_when_draining(ctx)
     body = await _body(request)
-    if (key := spec.key_of(body)) is not None and (found := await ctx.store.find_key(
-            key, ctx.scheduler.progress_json, body.get("unique_while") == "active")) is not None:
-        return _job_response(found)  # the contract: the job holding this key, 200, whatever the rest says
+    if (key := spec.key_of(body)) is not None \
+            and (found := await ctx.store.find_key(key, ctx.scheduler.progress_json)) is not None:
+        return _job_response(found)  # the contract: the kept job with this key, 200, whatever the rest says
     new = spec.parse(body, ctx.cfg.jobs, ctx.allow)
     await ctx.allow.check(new.fn)  # asks the probe the first time (the key may be taken meanwhile:
     _check_room(ctx, 1)            # enqueue_many then answers with that job, created=False)
@@ -153,14 +149,8 @@ async def submit(request: web.Request) -> web.Response:
     if not created:  # the kept job with this key, as it is now
         return _job_response(text)
     ctx.metrics.submitted.inc()
-    _wake(ctx, [new])
-    return _job_response(text, 202, {"Location": f"/v1/jobs/{jid}"})
-
-
-def _wake(ctx: Context, new: list[NewJob]) -> None:
     ctx.scheduler.kick()
-    if ctx.clock is not None and any(j.run_at is not None for j in new):
-        ctx.clock.poke()  # its wait may be longer than this job's delay
+    return _job_response(text, 202, {"Location": f"/v1/jobs/{jid}"})
 
 
 async def submit_batch(request: web.Request) -> web.Response:
@@ -174,18 +164,15 @@ async def submit_batch(request: web.Request) -> web.Response:
     new = []
     for i, s in enumerate(body["jobs"]):
         try:
-            new.append(spec.parse(s, ctx.cfg.jobs, ctx.allow, i))
+            new.append(spec.parse(s, ctx.cfg.jobs, ctx.allow))
         except ApiError as e:
             raise ApiError(e.status, e.code, f"jobs[{i}]: {e.message}") from None
     await ctx.allow.check_all([j.fn for j in new])
     if ctx.store.queued + len(new) > ctx.cfg.jobs.max_queue:  # only then do kept keys matter
         _check_room(ctx, sum([j.key is None or await ctx.store.find_key(j.key) is None for j in new]))
-    try:
-        results = await ctx.store.enqueue(new, ctx.scheduler.progress_json)
-    except UnknownDependency as e:
-        raise ApiError(422, "invalid_request", f"jobs[{e.index}]: {e}") from None
+    results = await ctx.store.enqueue(new, ctx.scheduler.progress_json)
     ctx.metrics.submitted.inc(sum(1 for _, _, created in results if created))
-    _wake(ctx, new)
+    ctx.scheduler.kick()
     return _job_response('{"jobs":[' + ",".join(text for _, text, _ in results) + "]}", 202)
 
 
@@ -330,29 +317,6 @@ async def hosts(request: web.Request) -> web.Response:
                              "state": "draining" if ctx.draining else "alive"}]})
 
 
-async def schedules(request: web.Request) -> web.Response:
-    return _json({"schedules": await _clock(request).listing()})
-
-
-async def pause_schedule(request: web.Request) -> web.Response:
-    """POST /v1/schedules/{name}/pause and /resume."""
-    clock, name = _clock(request), request.match_info["name"]
-    if not await clock.store.pause(name, request.match_info["action"] == "pause", time.time()):
-        raise ApiError(404, "not_found", f"no schedule {name[:200]!r}")
-    clock.poke()
-    found = [s for s in await clock.listing() if s["name"] == name]
-    if not found:
-        raise ApiError(404, "not_found", f"no schedule {name[:200]!r}")
-    return _json(found[0])
-
-
-def _clock(request: web.Request) -> Clock:
-    clock = request.app[CTX].clock
-    if clock is None:
-        raise ApiError(404, "not_found", "this daemon runs no schedules")
-    return clock
-
-
 STORE_REASON = "the store cannot be written"
 
 
@@ -439,8 +403,6 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/jobs/{id}", cancel_job, frozenset({"queued_only"})),
     Route("GET", "/v1/workers", workers, frozenset({"all"})),
     Route("GET", "/v1/hosts", hosts),
-    Route("GET", "/v1/schedules", schedules),
-    Route("POST", "/v1/schedules/{name}/{action:pause|resume}", pause_schedule),
     Route("GET", "/health", health),
     Route("GET", "/metrics", metrics),
     Route("GET", "/openapi.json", openapi_document),

@@ -8,26 +8,21 @@ never found out here, by importing it, but by the probe (service.queue.allow).
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import re
-import time
 from typing import Any
 
 from service.config import JobsConfig
 from service.model import ApiError
 from service.queue.allow import Allow
-from service.store.base import NewJob
+from service.store.sqlite.store import NewJob
 
 __all__ = ["ApiError", "key_of", "parse"]
 
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 _FN = re.compile(f"{_DOTTED}:{_DOTTED}")
-_FIELDS = {"fn", "args", "kwargs", "timeout", "priority", "retries", "key", "run_at", "delay", "after",
-           "after_failure", "retry_delay", "unique_while"}
-MAX_AFTER = 100
-_MAX_DELAY = 10 * 366 * 86400.0  # seconds: ten years
+_FIELDS = {"fn", "args", "kwargs", "timeout", "priority", "retries", "key"}
 
 
 def _invalid(message: str) -> ApiError:
@@ -72,9 +67,8 @@ def _int(spec: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int
     return v
 
 
-def parse(spec: Any, jobs: JobsConfig, allow: Allow, index: int | None = None) -> NewJob:
-    """A validated NewJob from one JobSpec, or ApiError naming the field. `index`: its place in
-    a batch, where `after` may name an earlier spec as "#N"."""
+def parse(spec: Any, jobs: JobsConfig, allow: Allow) -> NewJob:
+    """A validated NewJob from one JobSpec, or ApiError naming the field."""
     if not isinstance(spec, dict):
         raise _invalid("a job spec must be a JSON object")
     if not _FIELDS.issuperset(spec):
@@ -122,63 +116,4 @@ def parse(spec: Any, jobs: JobsConfig, allow: Allow, index: int | None = None) -
     except RecursionError:
         raise _invalid("args/kwargs: nested too deeply") from None
     return NewJob(fn=fn, args=args_json, kwargs=kwargs_json, timeout=float(timeout), priority=priority,
-                  retries=retries, key=key, run_at=_run_at(spec), after=_after(spec, index),
-                  after_failure=_choice(spec, "after_failure", ("fail", "run")),
-                  retry_delay=_seconds(spec, "retry_delay", 0.0), unique_while=_choice(spec, "unique_while",
-                                                                                     ("kept", "active")))
-
-
-def _seconds(spec: dict[str, Any], name: str, default: float) -> float:
-    v = spec.get(name, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _invalid(f"{name}: expected a number of seconds >= 0, got {_kind(v)}")
-    if not 0 <= v <= _MAX_DELAY:
-        raise _invalid(f"{name}: must be from 0 to {_MAX_DELAY:g} seconds, got {v}")
-    return float(v)
-
-
-def _choice(spec: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
-    v = spec.get(name, choices[0])
-    if v not in choices or not isinstance(v, str):
-        raise _invalid(f"{name}: must be one of {', '.join(repr(c) for c in choices)}")
-    return v
-
-
-def _run_at(spec: dict[str, Any]) -> float | None:
-    """When the job is due (epoch seconds), from run_at or delay; None: at once."""
-    if "run_at" in spec and "delay" in spec:
-        raise _invalid("run_at: give run_at or delay, not both")
-    if "delay" in spec:
-        return time.time() + _seconds(spec, "delay", 0.0)
-    raw = spec.get("run_at")
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise _invalid(f"run_at: expected an RFC 3339 timestamp with a zone, got {_kind(raw)}")
-    try:
-        at = datetime.datetime.fromisoformat(raw.replace("z", "Z"))
-    except ValueError:
-        raise _invalid(f"run_at: not an RFC 3339 timestamp: {raw[:100]!r}") from None
-    if at.tzinfo is None:
-        raise _invalid("run_at: the timestamp needs a zone (Z or an offset such as +01:00)")
-    return at.timestamp()
-
-
-def _after(spec: dict[str, Any], index: int | None) -> tuple[str, ...]:
-    """The ids (or, in a batch, "#N" of an earlier spec) the job waits for, without repeats."""
-    after = spec.get("after", [])
-    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
-        raise _invalid("after: expected a list of job ids")
-    if len(after) > MAX_AFTER:
-        raise _invalid(f"after: at most {MAX_AFTER} job ids, got {len(after)}")
-    for a in after:
-        if a.startswith("#"):
-            n, shown = a[1:], repr(a[:50])
-            if index is None:
-                raise _invalid(f"after: {shown} names a spec of a batch: only in POST /v1/jobs/batch")
-            if not (n.isascii() and n.isdigit()) or int(n) >= index:
-                raise _invalid(f"after: {shown} must name an earlier spec of the batch (#0 to #{index - 1})"
-                               if index else f"after: {shown}: no spec comes before the first")
-        elif not a or len(a) > 200 or not a.isascii() or not a.isprintable():
-            raise _invalid(f"after: {a[:50]!r} is not a job id")
-    return tuple(dict.fromkeys(after))
+                  retries=retries, key=key)

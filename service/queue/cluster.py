@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from service.config import ClusterConfig
 from service.engine import lease
@@ -30,7 +29,6 @@ class HostKeeper:
         self.cfg, self.store, self.scheduler = cfg, store, scheduler
         self.listener = Listener(url, store.channel, self._heard)
         self.draining = False
-        self.on_resolve: Callable[[], None] = lambda: None  # a dependency ended ("r": the clock looks)
 
     def renew(self, sent: float) -> None:
         held = self.scheduler.pool.lease
@@ -88,8 +86,6 @@ class HostKeeper:
     def _heard(self, n: Notice) -> None:
         if n.kind == "q":
             self.scheduler.kick()
-        elif n.kind == "r":
-            self.on_resolve()
         elif n.kind == "e":
             self.scheduler.waiters.wake(n.ids)
         elif n.kind == "c":

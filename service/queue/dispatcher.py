@@ -13,8 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +22,10 @@ from service.engine.options import PoolOptions
 from service.engine.procs import leftovers, supervisor
 from service.engine.protocol import OK, Done, Event, JsonJob, Progress, Started
 from service.engine.slots import LEASE_EXPIRED, Slot, Slots
-from service.model import FINAL_STATES, ErrorType, backoff, job_error
+from service.model import ErrorType, job_error
 from service.queue.metrics import Metrics
 from service.queue.waiters import Waiters
-from service.store.base import Cap, Claimed, JobStore, StoreError
+from service.store.base import Claimed, JobStore, StoreError
 
 log = logging.getLogger("poold.scheduler")
 
@@ -119,8 +117,7 @@ class Scheduler:
         if not free:
             return
         held = set(self.dispatched)
-        caps = self._caps()
-        firsts = await self.store.claim(len(free), held, caps)
+        firsts = await self.store.claim(len(free), held)
         if not firsts:
             return
         # jobs queued in the store and not yet handed to a worker (sizes batches only)
@@ -138,9 +135,7 @@ class Scheduler:
                     continue
             plan.append((slot, c, size - 1))
         more = sum(n for _, _, n in plan)
-        if caps:
-            caps = [c._replace(held=c.held + sum(1 for f in firsts if c.matches(f.fn))) for c in caps]
-        rest = await self.store.claim(more, held | {c.id for c in firsts}, caps) if more else []
+        rest = await self.store.claim(more, held | {c.id for c in firsts}) if more else []
         taken = {c.id for _, c, _ in plan}
         pos = 0
         for slot, c, n in plan:
@@ -156,14 +151,6 @@ class Scheduler:
         unused = [c for c in firsts if c.id not in taken] + rest[pos:]
         if unused:
             self.store.release(unused)
-
-    def _caps(self) -> list[Cap]:
-        """`[jobs] concurrency` with what this host holds of each (claimed or running)."""
-        limits = self.cfg.jobs.concurrency
-        if not limits:
-            return []
-        fns = [c.fn for jid, (_, batch) in self.dispatched.items() for c in batch if c.id == jid]
-        return [Cap(p, n, sum(1 for fn in fns if Cap(p, n).matches(fn))) for p, n in limits]
 
     def _can_take(self, s: Slot) -> bool:
         """An idle slot takes a batch; a busy one takes a second when the batch it runs is of
@@ -281,8 +268,7 @@ class Scheduler:
         if c.attempts + 1 <= c.retries:
             if not r.written:
                 self._write_start(r)
-            wait = backoff(c.retry_delay, c.attempts + 1, random.random())
-            self.store.retry(c.seq, error, attempts=c.attempts, due=time.time() + wait if wait else None)
+            self.store.retry(c.seq, error, attempts=c.attempts)
             self.metrics.retried.inc()
         else:
             self._final(r, state, error=error)
@@ -360,7 +346,7 @@ class Scheduler:
             left = await self.store.cancel(jid, queued_only=queued_only)
             if left is None:
                 return "not_found"
-            if left in FINAL_STATES:
+            if left not in ("queued", "running"):
                 return "already_finished"
             if queued_only and left == "running":
                 return "already_started"  # on another host

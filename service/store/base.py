@@ -1,9 +1,9 @@
 """The protocol every job store backend implements, and the records it trades in.
 
 The queue, HTTP and daemon layers talk to the store only through `JobStore`.
-SQLite (service.store.sqlite) is the embedded default, PostgreSQL
-(service.store.postgres) the shared one. Every backend passes
-tests/unit/test_store_contract.py.
+SQLite (service.store.sqlite) is the embedded default; memory
+(service.store.memory) is for unit tests; PostgreSQL comes next. Every
+backend passes tests/unit/test_store_contract.py.
 
 The operations that may need the network are coroutines. The writes of a
 running job (start, finish, retry, release) are plain calls: they are
@@ -13,14 +13,10 @@ gathered and committed together, and readers see them once committed, which
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Sequence
-from enum import StrEnum
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
-
-from service.model import FINAL_STATES, ErrorType, State, job_error
 
 
 class StoreError(Exception):
@@ -33,13 +29,6 @@ def new_id() -> str:
     return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
-class Fired(NamedTuple):
-    """The schedule tick that made a job (Job.schedule)."""
-
-    name: str
-    fire_at: float
-
-
 class NewJob(NamedTuple):
     """A validated JobSpec, ready to enqueue."""
 
@@ -50,52 +39,6 @@ class NewJob(NamedTuple):
     priority: int = 0
     retries: int = 0
     key: str | None = None
-    run_at: float | None = None  # epoch seconds; None (or a time past): due at once
-    after: tuple[str, ...] = ()  # job ids, or "#N": the job of the call's N-th NewJob
-    after_failure: str = "fail"  # or "run"
-    retry_delay: float = 0.0
-    unique_while: str = "kept"  # or "active"
-    schedule: Fired | None = None
-
-
-class Cap(NamedTuple):
-    """`[jobs] concurrency`: at most `limit` jobs of the functions `pattern` matches run at once.
-    `held`: how many of them this host holds (claimed or running)."""
-
-    pattern: str  # "module:name", or "module:*"
-    limit: int
-    held: int = 0
-
-    def matches(self, fn: str) -> bool:
-        return fn == self.pattern or (self.pattern.endswith(":*") and fn.startswith(self.pattern[:-1]))
-
-
-class Resolved(NamedTuple):
-    """What a pass over ended dependencies changed: jobs now queued, jobs failed without running."""
-
-    queued: int
-    failed: list[str]
-
-
-class ScheduleRow(NamedTuple):
-    """A periodic schedule as the store keeps it: the definition (canonical JSON text, written by
-    the latest start or reload), and what was decided: ticks up to `last_tick` are fired or
-    skipped."""
-
-    name: str
-    definition: str
-    paused: bool
-    last_tick: float
-    last_fire_at: float | None
-    last_job: str | None
-
-
-class Fire(StrEnum):
-    """The outcome of one tick."""
-
-    FIRED = "fired"
-    TAKEN = "taken"  # decided already (by another host, or before a restart)
-    OVERLAP = "overlap"  # skipped: the schedule's last job has not ended
 
 
 class Claimed(NamedTuple):
@@ -112,71 +55,6 @@ class Claimed(NamedTuple):
     priority: int
     key: str | None
     created_at: float
-    retry_delay: float = 0.0
-    # shown in the Job (its JSON is made from this once it ends)
-    scheduled_at: float | None = None
-    after: str | None = None  # JSON text
-    after_failure: str = "fail"
-    unique_while: str = "kept"
-    schedule_name: str | None = None
-    schedule_fire_at: float | None = None
-
-    def shown(self) -> tuple[Any, ...]:
-        """The Job columns after `progress` (service.store.jobjson.COLUMNS)."""
-        return (self.scheduled_at, self.after, self.after_failure, self.retry_delay, self.unique_while,
-                self.schedule_name, self.schedule_fire_at)
-
-
-CLAIMED = ("seq, id, fn, args, kwargs, timeout, retries, attempts, priority, key, created_at, retry_delay,"
-           " scheduled_at, after, after_failure, unique_while, schedule_name, schedule_fire_at")
-
-
-class UnknownDependency(Exception):
-    """`after` names a job the store does not have (422 naming it)."""
-
-    def __init__(self, index: int, jid: str) -> None:
-        super().__init__(f"after: no job {jid[:200]!r}")
-        self.index, self.jid = index, jid
-
-
-def first_state(i: int, j: NewJob, after: list[str], states: dict[str, str],
-                now: float) -> tuple[str, list[str], str | None]:
-    """A new job's state, the dependencies it waits for, and its error (JSON text) when one of
-    them has failed already. `i`: its index in the enqueue call; `states`: those of `after`."""
-    pending = []
-    for d in after:
-        st = states.get(d)
-        if st is None:
-            raise UnknownDependency(i, d)
-        if st == State.SUCCEEDED or (st in FINAL_STATES and j.after_failure == "run"):
-            continue
-        if st in FINAL_STATES:
-            return State.FAILED, [], json.dumps(job_error(ErrorType.DEPENDENCY_FAILED,
-                                                          f"dependency {d} ended {st}"))
-        pending.append(d)
-    if pending:
-        return State.WAITING, pending, None
-    if j.run_at is not None and j.run_at > now:
-        return State.SCHEDULED, [], None
-    return State.QUEUED, [], None
-
-
-def admit(jobs: list[Claimed], caps: list[Cap], limit: int) -> tuple[list[Claimed], list[Cap], bool]:
-    """Of `jobs` (in claim order), the first `limit` that no cap refuses; the caps counting them
-    too; whether a cap refused one."""
-    taken: list[Claimed] = []
-    refused = False
-    for c in jobs:
-        if len(taken) >= limit:
-            break
-        hit = [i for i, cap in enumerate(caps) if cap.matches(c.fn)]
-        if any(caps[i].held >= caps[i].limit for i in hit):
-            refused = True
-            continue
-        for i in hit:
-            caps[i] = caps[i]._replace(held=caps[i].held + 1)
-        taken.append(c)
-    return taken, caps, refused
 
 
 class JobStore(Protocol):
@@ -244,36 +122,20 @@ class JobStore(Protocol):
         ...
 
     # -- enqueue (durable on return)
-    async def find_key(self, key: str, progress: Any = None, active_only: bool = False) -> str | None:
-        """The Job JSON of the job holding this idempotency key: the newest kept one, or with
-        `active_only` the one not ended (unique_while = "active")."""
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        """The Job JSON of the kept job with this idempotency key."""
         ...
 
     async def enqueue(self, jobs: list[NewJob], progress: Any = None) -> list[tuple[str, str, bool]]:
-        """Queues jobs (or schedules them, or makes them wait for `after`), or finds the job
-        holding the same key; (id, Job JSON, created) each, committed on return. A key's job is
-        given as it is now. An unknown id in `after` is ApiError 422 naming it."""
+        """Queues jobs, or finds the kept job with the same key; (id, Job JSON, created) each,
+        committed on return. A key's kept job is given as it is now."""
         ...
 
     # -- the queue
-    async def claim(self, limit: int, skip: set[str], caps: Sequence[Cap] = ()) -> list[Claimed]:
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
         """Up to `limit` queued jobs by priority (highest first) then age, now this host's to run
         until they end, are retried or released. `skip`: ids this host holds already (a backend
-        whose claim leaves the job queued, SQLite's, needs them). `caps`: no claim takes a
-        function past its concurrency limit (on a shared store, counted over every host)."""
-        ...
-
-    async def promote(self, now: float) -> int:
-        """scheduled → queued for the jobs due by `now`; how many."""
-        ...
-
-    async def resolve(self) -> Resolved:
-        """Waiting jobs whose dependencies ended: queued (or scheduled), or failed
-        `dependency_failed`, down the graph."""
-        ...
-
-    async def next_due(self) -> float | None:
-        """When the earliest scheduled job is due (None: none is)."""
+        whose claim leaves the job queued, SQLite's, needs them)."""
         ...
 
     def release(self, jobs: list[Claimed]) -> None:
@@ -293,10 +155,8 @@ class JobStore(Protocol):
         """
         ...
 
-    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None,
-              due: float | None = None) -> None:
-        """running → queued again (a failed attempt with retries left), keeping the error; with
-        `due`, scheduled until then (retry_delay).
+    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
+        """running → queued again (a failed attempt with retries left), keeping the error.
 
         `attempts`: the failed attempt's `Claimed.attempts`; the retry is discarded when the job
         holds another attempt (None: whatever attempt runs).
@@ -305,34 +165,8 @@ class JobStore(Protocol):
 
     async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
                      queued_only: bool = False) -> str | None:
-        """scheduled, waiting, queued or running → cancelled. The state it was in (a final one:
-        nothing changed); None if there is no such job. `queued_only`: a job whose attempt began
-        is left running."""
-        ...
-
-    # -- periodic schedules
-    async def sync_schedules(self, defs: dict[str, str], now: float) -> None:
-        """Makes `defs` (name → definition) the schedules: a new or changed one is decided up to
-        `now` (it first fires at its next tick) and unpaused; one not in `defs` is dropped."""
-        ...
-
-    async def schedules(self) -> list[ScheduleRow]:
-        """Every schedule, by name."""
-        ...
-
-    async def fire(self, name: str, tick: float, job: NewJob, overlap: bool) -> tuple[Fire, str | None]:
-        """Decides tick `tick` of schedule `name` once, whatever the hosts and restarts: enqueues
-        `job` (unless `overlap` is False and the schedule's last job has not ended) in the same
-        transaction as the record of the tick. The outcome and the new job's id."""
-        ...
-
-    async def skip_ticks(self, name: str, upto: float) -> None:
-        """Ticks up to `upto` are decided: skipped."""
-        ...
-
-    async def pause(self, name: str, paused: bool, now: float) -> bool:
-        """Pauses or resumes a schedule (a resumed one first fires at its next tick); False if
-        there is no such schedule."""
+        """queued or running → cancelled. The state it was in (a final one: nothing changed);
+        None if there is no such job. `queued_only`: a job whose attempt began is left running."""
         ...
 
     async def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:

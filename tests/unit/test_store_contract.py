@@ -20,19 +20,21 @@ import pytest
 
 from service.model import STATES, ErrorType, job_error
 from service.store.base import Claimed, JobStore, NewJob
+from service.store.memory import MemoryStore
 from service.store.postgres.store import PgStore
 from service.store.sqlite.store import Store
 from tests.support import postgres
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["memory", "sqlite", "postgres"]
 WORKER = '{"pid":1234,"name":"w1"}'
 JOB_KEYS = ["id", "fn", "args", "kwargs", "state", "priority", "timeout", "retries", "attempts", "key",
-            "created_at", "started_at", "finished_at", "worker", "result", "error", "progress", "scheduled_at",
-            "after", "after_failure", "retry_delay", "unique_while", "schedule"]
+            "created_at", "started_at", "finished_at", "worker", "result", "error", "progress"]
 P = ParamSpec("P")
 
 
 def make(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
+    if backend == "memory":
+        return MemoryStore()
     if backend == "postgres":  # opened in the test's loop (see run_async)
         server: postgres.PgServer = request.getfixturevalue("pg_server")
         return PgStore(server.url(), postgres.fresh_schema(), "test", "host-1")
@@ -52,7 +54,7 @@ def run_async(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]
     @functools.wraps(test)
     def sync(*args: P.args, **kwargs: P.kwargs) -> None:
         async def main() -> None:
-            stores = [s for s in kwargs.values() if isinstance(s, Store | PgStore)]
+            stores = [s for s in kwargs.values() if isinstance(s, MemoryStore | Store | PgStore)]
             for s in stores:
                 if isinstance(s, PgStore):
                     await s.open()
@@ -410,7 +412,7 @@ async def test_counts(store: JobStore) -> None:
                  error=job_error("timeout", "t"))
     await store.cancel(ids[3])
     await store.committed()
-    assert await store.counts() == {"scheduled": 0, "waiting": 0, "queued": 2, "running": 1, "succeeded": 1, "failed": 0, "timed_out": 1,
+    assert await store.counts() == {"queued": 2, "running": 1, "succeeded": 1, "failed": 0, "timed_out": 1,
                               "cancelled": 1}
     await check_queued(store)
 

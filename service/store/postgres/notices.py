@@ -1,6 +1,6 @@
 """What hosts tell each other by NOTIFY, on one channel per schema: "q" (jobs to claim),
-"e:<ids>" (jobs ended: long-polls wake), "c:<ids>" (jobs cancelled: the host running
-one kills it) and "r" (a job others wait for ended: sent by the trigger `jobs_ended`)."""
+"e:<ids>" (jobs ended: long-polls wake) and "c:<ids>" (jobs cancelled: the host running
+one kills it)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ _IDS = 150  # ids per payload (PostgreSQL takes 8000 bytes at most)
 
 
 class Notice(NamedTuple):
-    kind: str  # "q", "e", "c" or "r"
+    kind: str  # "q", "e" or "c"
     ids: list[str]
 
 

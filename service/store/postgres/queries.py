@@ -1,7 +1,7 @@
 """Every SQL statement of the PostgreSQL store, by name (as procrastinate's queries.sql).
 
 Tables live in the configured schema (the connections' search_path). Job rows have
-SQLite's column order, so service.store.jobjson splices them alike; times are
+SQLite's column order, so service.store.sqlite.jobjson splices them alike; times are
 epoch seconds (float8) for the same reason, except the hosts' clock columns, which
 are the database's `now()`: a host's death is judged by one clock, not by each
 host's. `claim` is the instance that holds a running job: with `attempts` it is the
@@ -10,13 +10,7 @@ fencing token every end of an attempt is written under.
 
 from __future__ import annotations
 
-from service.model import ACTIVE_STATES, BACKOFF_CAP, BACKOFF_JITTER, FINAL_STATES
-from service.store.base import CLAIMED as _CLAIMED
-from service.store.jobjson import COLUMNS
-
-VERSION = 2
-_FINAL = ", ".join(f"'{s}'" for s in FINAL_STATES)
-ACTIVE = ", ".join(f"'{s}'" for s in ACTIVE_STATES)
+VERSION = 1
 
 # one statement per migration step; applied under an advisory lock, so hosts that start at
 # once migrate one after the other
@@ -60,48 +54,6 @@ CREATE TABLE hosts (
     processes text NOT NULL DEFAULT '[]'
 );
 """,
-    # schedules, dependencies, back-off, unique_while: see service.store.sqlite.schema, whose
-    # columns and work list these are
-    2: f"""
-ALTER TABLE jobs ADD COLUMN scheduled_at float8, ADD COLUMN after text,
-    ADD COLUMN after_failure text NOT NULL DEFAULT 'fail', ADD COLUMN retry_delay float8 NOT NULL DEFAULT 0,
-    ADD COLUMN unique_while text NOT NULL DEFAULT 'kept', ADD COLUMN schedule_name text,
-    ADD COLUMN schedule_fire_at float8, ADD COLUMN pending integer NOT NULL DEFAULT 0,
-    ADD COLUMN dependents boolean NOT NULL DEFAULT false;
-DROP INDEX jobs_key;
-CREATE UNIQUE INDEX jobs_active_key ON jobs (key) WHERE key IS NOT NULL AND state IN ({ACTIVE});
-CREATE INDEX jobs_keys ON jobs (key, seq) WHERE key IS NOT NULL;
-CREATE INDEX jobs_due ON jobs (scheduled_at) WHERE state = 'scheduled';
-CREATE INDEX jobs_schedule ON jobs (schedule_name, seq) WHERE schedule_name IS NOT NULL;
-CREATE TABLE deps (job bigint NOT NULL, dep text NOT NULL, PRIMARY KEY (job, dep));
-CREATE INDEX deps_dep ON deps (dep);
-CREATE TABLE ended (n bigserial PRIMARY KEY, id text NOT NULL, state text NOT NULL);
-CREATE FUNCTION jobs_ended() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO ended (id, state) VALUES (NEW.id, NEW.state);
-    PERFORM pg_notify('poold_' || TG_TABLE_SCHEMA, 'r');
-    RETURN NULL;
-END $$;
-CREATE TRIGGER jobs_ended AFTER UPDATE OF state ON jobs FOR EACH ROW
-    WHEN (NEW.dependents AND NEW.state IN ({_FINAL}) AND OLD.state NOT IN ({_FINAL}))
-    EXECUTE FUNCTION jobs_ended();
-CREATE FUNCTION jobs_gone() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM deps WHERE job = OLD.seq;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER jobs_gone AFTER DELETE ON jobs FOR EACH ROW WHEN (OLD.after IS NOT NULL)
-    EXECUTE FUNCTION jobs_gone();
-CREATE TABLE schedules (
-    name text PRIMARY KEY,
-    definition text NOT NULL,
-    paused boolean NOT NULL DEFAULT false,
-    last_tick float8 NOT NULL,
-    last_fire_at float8,
-    last_job text
-);
-CREATE TABLE fires (name text NOT NULL, fire_at float8 NOT NULL, job text, PRIMARY KEY (name, fire_at));
-""",
 }
 
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
@@ -109,33 +61,19 @@ CREATE_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT
 GET_VERSION = "SELECT max(version) FROM schema_version"
 SET_VERSION = "INSERT INTO schema_version (version) VALUES ($1)"
 
-CLAIMED = _CLAIMED.replace("attempts,", "attempts - 1,")
+COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
+           "started_at, finished_at, worker, result, error, progress")
+CLAIMED = "seq, id, fn, args, kwargs, timeout, retries, attempts - 1, priority, key, created_at"
 
-# -- enqueue: a key an active job holds makes its row conflict; that job is read after
+# -- enqueue: a key already kept makes its row conflict; the kept job is read after
 INSERT_JOBS = f"""
-INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries, key, created_at, finished_at,
-                  error, scheduled_at, after, after_failure, retry_delay, unique_while, schedule_name,
-                  schedule_fire_at, pending, dependents)
+INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries, key, created_at)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-                     $7::float8[], $8::int[], $9::text[], $10::float8[], $11::float8[], $12::text[],
-                     $13::float8[], $14::text[], $15::text[], $16::float8[], $17::text[], $18::text[],
-                     $19::float8[], $20::int[], $21::bool[])
-ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ({ACTIVE}) DO NOTHING
+                     $7::float8[], $8::int[], $9::text[], $10::float8[])
+ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING
 RETURNING {COLUMNS}
 """
-BY_KEYS = f"SELECT {COLUMNS} FROM jobs WHERE key = ANY($1::text[]) ORDER BY seq DESC"
-# the jobs named in `after`, locked (in one order: no deadlock) so that none ends unseen while
-# its dependent is written, and marked: their end is filed in `ended`
-MARK_DEPENDED = """
-UPDATE jobs SET dependents = true
-WHERE seq IN (SELECT seq FROM jobs WHERE id = ANY($1::text[]) ORDER BY seq FOR UPDATE)
-RETURNING id, state
-"""
-INSERT_DEPS = """
-INSERT INTO deps (job, dep)
-SELECT j.seq, u.dep FROM unnest($1::text[], $2::text[]) AS u(job, dep) JOIN jobs j ON j.id = u.job
-ON CONFLICT DO NOTHING
-"""
+BY_KEYS = f"SELECT {COLUMNS} FROM jobs WHERE key = ANY($1::text[])"
 NOTIFY = "SELECT pg_notify($1, $2)"
 
 # -- the queue
@@ -181,8 +119,7 @@ WHERE j.seq = u.seq AND j.state = 'running' AND j.attempts = u.attempts AND j.cl
 MANY = {START: START_MANY, FINISH: FINISH_MANY}
 
 RETRY = """
-UPDATE jobs SET state = CASE WHEN $5::float8 IS NULL THEN 'queued' ELSE 'scheduled' END,
-                scheduled_at = COALESCE($5::float8, scheduled_at), error = $2, claim = NULL
+UPDATE jobs SET state = 'queued', error = $2, claim = NULL
 WHERE seq = $1 AND state = 'running' AND claim = $3 AND ($4::int IS NULL OR attempts = $4)
 """
 CANCEL_LOCK = "SELECT seq, state, started_at IS NOT NULL, claim FROM jobs WHERE id = $1 FOR UPDATE"
@@ -192,60 +129,6 @@ WHERE seq = $1
 """
 EXPIRE = "DELETE FROM jobs WHERE finished_at < $1"
 COUNT_QUEUED = "SELECT count(*) FROM jobs WHERE state = 'queued'"
-
-# -- what waits: due jobs, ended dependencies (the `ended` work list), periodic ticks
-BACKOFF = (f"least(retry_delay * power(2, least(attempts - 1, 62)), {BACKOFF_CAP})"
-           f" * (1 + {BACKOFF_JITTER} * random())")
-PROMOTE = """
-UPDATE jobs SET state = 'queued'
-WHERE seq IN (SELECT seq FROM jobs WHERE state = 'scheduled' AND scheduled_at <= $1
-              ORDER BY scheduled_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-"""
-NEXT_DUE = "SELECT min(scheduled_at) FROM jobs WHERE state = 'scheduled'"
-TAKE_ENDED = """
-DELETE FROM ended WHERE n IN (SELECT n FROM ended ORDER BY n LIMIT 1000 FOR UPDATE SKIP LOCKED)
-RETURNING id, state
-"""
-_OF_ENDED = "SELECT d.job FROM deps d JOIN unnest($1::text[], $2::text[]) AS e(id, state) ON e.id = d.dep"
-FAIL_DEPENDENTS = """
-UPDATE jobs j SET state = 'failed', finished_at = $3,
-    error = json_build_object('type', 'dependency_failed',
-                              'message', 'dependency ' || f.dep || ' ended ' || f.state,
-                              'exception', NULL, 'traceback', NULL)::text
-FROM (SELECT DISTINCT ON (d.job) d.job, d.dep, e.state
-      FROM deps d JOIN unnest($1::text[], $2::text[]) AS e(id, state) ON e.id = d.dep
-      WHERE e.state <> 'succeeded' ORDER BY d.job) AS f
-WHERE j.seq = f.job AND j.state = 'waiting' AND j.after_failure = 'fail'
-RETURNING j.id
-"""
-COUNT_DOWN = """
-UPDATE jobs j SET pending = j.pending - c.n
-FROM (SELECT d.job, count(*) AS n FROM deps d JOIN unnest($1::text[], $2::text[]) AS e(id, state)
-      ON e.id = d.dep GROUP BY d.job) AS c
-WHERE j.seq = c.job AND j.state = 'waiting'
-"""
-RELEASE_WAITING = f"""
-UPDATE jobs SET state = CASE WHEN scheduled_at > $3 THEN 'scheduled' ELSE 'queued' END
-WHERE state = 'waiting' AND pending <= 0 AND seq IN ({_OF_ENDED})
-RETURNING state
-"""
-SCHEDULES = "SELECT name, definition, paused, last_tick, last_fire_at, last_job FROM schedules ORDER BY name"
-SCHEDULE_UPSERT = """
-INSERT INTO schedules AS s (name, definition, last_tick) VALUES ($1, $2, $3)
-ON CONFLICT (name) DO UPDATE SET definition = $2, paused = false, last_tick = greatest(s.last_tick, $3)
-WHERE s.definition <> $2
-"""
-SCHEDULE_DROP_OTHERS = "DELETE FROM schedules WHERE NOT (name = ANY($1::text[]))"
-SCHEDULE_LOCK = "SELECT 1 FROM schedules WHERE name = $1 FOR UPDATE"
-FIRE = "INSERT INTO fires (name, fire_at) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
-LAST_JOB_ACTIVE = (f"SELECT 1 FROM schedules s JOIN jobs j ON j.id = s.last_job"
-                   f" WHERE s.name = $1 AND j.state IN ({ACTIVE})")
-FIRED = "UPDATE fires SET job = $3 WHERE name = $1 AND fire_at = $2"
-DECIDED = "UPDATE schedules SET last_tick = greatest(last_tick, $2) WHERE name = $1"
-FIRED_JOB = ("UPDATE schedules SET last_tick = greatest(last_tick, $2), last_fire_at = $2, last_job = $3"
-             " WHERE name = $1")
-PAUSE = ("UPDATE schedules SET paused = $2, last_tick = CASE WHEN $2 THEN last_tick"
-         " ELSE greatest(last_tick, $3) END WHERE name = $1")
 
 # -- reads
 GET = f"SELECT {COLUMNS} FROM jobs WHERE id = $1"
@@ -282,39 +165,30 @@ RETURNING id
 """
 # the dead: hosts silent for host_timeout by the database's clock; their jobs are rescued in
 # the same statement (retried with retries left, else failed as interrupted)
-RESCUE_DEAD = f"""
+RESCUE_DEAD = """
 WITH dead AS (
     UPDATE hosts SET state = 'dead'
     WHERE state <> 'dead' AND last_seen < now() - make_interval(secs => $1)
     RETURNING instance
 )
-UPDATE jobs SET state = CASE WHEN attempts > retries THEN 'failed' WHEN retry_delay > 0 THEN 'scheduled'
-                             ELSE 'queued' END,
+UPDATE jobs SET state = CASE WHEN attempts <= retries THEN 'queued' ELSE 'failed' END,
                 finished_at = CASE WHEN attempts <= retries THEN NULL ELSE $3::float8 END,
-                scheduled_at = CASE WHEN attempts <= retries AND retry_delay > 0
-                                    THEN $3::float8 + {BACKOFF} ELSE scheduled_at END,
                 error = $2::text, claim = NULL
 WHERE state = 'running' AND claim IN (SELECT instance FROM dead)
 RETURNING id, state
 """
 # one instance's running jobs (a host's previous instance, at its start)
-RESCUE_INSTANCE = f"""
-UPDATE jobs SET state = CASE WHEN attempts > retries THEN 'failed' WHEN retry_delay > 0 THEN 'scheduled'
-                             ELSE 'queued' END,
+RESCUE_INSTANCE = """
+UPDATE jobs SET state = CASE WHEN attempts <= retries THEN 'queued' ELSE 'failed' END,
                 finished_at = CASE WHEN attempts <= retries THEN NULL ELSE $3::float8 END,
-                scheduled_at = CASE WHEN attempts <= retries AND retry_delay > 0
-                                    THEN $3::float8 + {BACKOFF} ELSE scheduled_at END,
                 error = $2::text, claim = NULL
 WHERE state = 'running' AND claim = $1
 RETURNING id, state
 """
 # claims no host holds (a host row replaced while it was down): rescued like a dead host's
-RESCUE_ORPHANS = f"""
-UPDATE jobs SET state = CASE WHEN attempts > retries THEN 'failed' WHEN retry_delay > 0 THEN 'scheduled'
-                             ELSE 'queued' END,
+RESCUE_ORPHANS = """
+UPDATE jobs SET state = CASE WHEN attempts <= retries THEN 'queued' ELSE 'failed' END,
                 finished_at = CASE WHEN attempts <= retries THEN NULL ELSE $2::float8 END,
-                scheduled_at = CASE WHEN attempts <= retries AND retry_delay > 0
-                                    THEN $2::float8 + {BACKOFF} ELSE scheduled_at END,
                 error = $1::text, claim = NULL
 WHERE state = 'running' AND claim IS NOT NULL
   AND claim NOT IN (SELECT instance FROM hosts WHERE state <> 'dead')

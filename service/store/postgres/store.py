@@ -15,19 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from service.model import ACTIVE_STATES, FINAL_STATES, STATES, ErrorType, job_error
-from service.store.base import Cap, Claimed, JobStore, NewJob, StoreError, new_id
-from service.store.postgres import capped, enqueue, notices
+from service.model import FINAL_STATES, STATES, ErrorType, job_error
+from service.store.base import Claimed, JobStore, NewJob, StoreError, new_id
+from service.store.postgres import notices
 from service.store.postgres import queries as q
 from service.store.postgres.hosts import Hosts
-from service.store.postgres.later import Later
 from service.store.postgres.schema import connect_pool, migrate
 from service.store.postgres.writes import Op, Writes
+from service.store.sqlite.jobjson import job_json
 
 log = logging.getLogger("poold.store")
 # the pool's own retries while the database is away would log a traceback each: the store says it once
@@ -41,7 +41,7 @@ _FAILURES = (OSError, asyncpg.PostgresConnectionError, asyncpg.OperatorIntervent
              asyncpg.InternalClientError)  # (a connection cut in mid-transaction can end in this)
 
 
-class PgStore(Later):
+class PgStore:
     """See the module docstring. `open()` before use; `instance` is this start's claim token."""
 
     start_ledger = None  # every start is in the database before the job reaches a worker
@@ -153,30 +153,60 @@ class PgStore(Later):
                 await pool.close()
 
     # -- enqueue
-    async def find_key(self, key: str, progress: Any = None, active_only: bool = False) -> str | None:
-        for r in await self.fetch(q.BY_KEYS, [key]):
-            if not active_only or r["state"] in ACTIVE_STATES:
-                return enqueue.job_text(r, progress)
-        return None
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        rows = await self.fetch(q.BY_KEYS, [key])
+        return _json(rows[0], progress) if rows else None
 
     async def enqueue(self, jobs: list[NewJob], progress: Any = None) -> list[tuple[str, str, bool]]:
-        if not jobs:
+        now = time.time()
+        first: dict[str, int] = {}  # key -> index of its first job in this call (it wins)
+        fresh: list[tuple[int, str, NewJob]] = []
+        for i, j in enumerate(jobs):
+            if j.key is not None and j.key in first:
+                continue
+            if j.key is not None:
+                first[j.key] = i
+            fresh.append((i, new_id(), j))
+        cols = list(zip(*[(jid, j.fn, j.args, j.kwargs, "queued", j.priority, j.timeout, j.retries, j.key,
+                           now) for _, jid, j in fresh], strict=True))
+
+        async def body(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+            made = await conn.fetch(q.INSERT_JOBS, *cols)
+            if made:
+                await conn.execute(q.NOTIFY, self.channel, "q")
+            made_ids = {r["id"] for r in made}
+            lost = [j.key for _, jid, j in fresh if jid not in made_ids and j.key is not None]
+            kept = await conn.fetch(q.BY_KEYS, lost) if lost else []
+            return made, kept
+
+        if not fresh:
             return []
-        out, queued = await self.tx(lambda conn: enqueue.insert(conn, jobs, self.channel, progress))
-        self._queued += queued
-        return out  # type: ignore[no-any-return]
+        made, kept = await self.tx(body)
+        self._queued += len(made)
+        by_id = {r["id"]: _json(r) for r in made}
+        by_key = {r["key"]: (r["id"], _json(r, progress)) for r in kept}
+        out: list[tuple[str, str, bool]] = [("", "", False)] * len(jobs)
+        for i, jid, j in fresh:
+            if jid in by_id:
+                out[i] = (jid, by_id[jid], True)
+            elif j.key in by_key:  # kept by another job (maybe another host's, a moment ago)
+                out[i] = (*by_key[j.key], False)
+            else:  # its key's job expired between the two statements: rare; say it plainly
+                raise StoreError(f"the job with key {j.key!r} changed while it was submitted; submit again")
+        for i, j in enumerate(jobs):
+            if j.key is not None and first[j.key] != i:
+                jid, text, _ = out[first[j.key]]
+                out[i] = (jid, text, False)
+        return out
 
     # -- the queue
-    async def claim(self, limit: int, skip: set[str], caps: Sequence[Cap] = ()) -> list[Claimed]:
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
         self._claiming += 1
         self._claims += 1
         try:
             if self.writes.requeued:  # this host's pending retries and releases first: claimable again
                 await self.committed()
-            if caps:
-                rows = await self.tx(lambda conn: capped.claim(conn, limit, list(caps), self.instance))
-            else:
-                rows = await self.fetch(q.CLAIM, limit, self.instance)
+            rows = await self.fetch(q.CLAIM, limit, self.instance)
         finally:
             self._claiming -= 1
         self._queued = max(0, self._queued - len(rows))
@@ -209,10 +239,9 @@ class PgStore(Later):
         self.writes.add(Op(q.FINISH, (state, result_json, _dumps(error), _dumps(progress), time.time(),
                                       started_at, worker, c.seq, c.attempts + 1, self.instance)), ended=c.id)
 
-    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None,
-              due: float | None = None) -> None:
+    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
         token = None if attempts is None else attempts + 1
-        self.writes.add(Op(q.RETRY, (seq, json.dumps(error), self.instance, token, due)), requeues=True)
+        self.writes.add(Op(q.RETRY, (seq, json.dumps(error), self.instance, token)), requeues=True)
 
     async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
                      queued_only: bool = False) -> str | None:
@@ -223,7 +252,7 @@ class PgStore(Later):
             if row is None:
                 return None
             seq, state, began, _ = row
-            if state in FINAL_STATES or (queued_only and state == "running" and began):
+            if state not in ("queued", "running") or (queued_only and state == "running" and began):
                 return str(state)
             await conn.execute(q.CANCEL, seq, time.time(), _dumps(progress))
             for payload in notices.encode("c" if state == "running" else "e", [jid]):
@@ -248,7 +277,7 @@ class PgStore(Later):
     # -- reads
     async def get_json(self, jid: str, progress: Any = None) -> tuple[str, str] | None:
         rows = await self.fetch(q.GET, jid)
-        return (rows[0]["state"], enqueue.job_text(rows[0], progress)) if rows else None
+        return (rows[0]["state"], _json(rows[0], progress)) if rows else None
 
     async def get(self, jid: str) -> dict[str, Any] | None:
         found = await self.get_json(jid)
@@ -259,15 +288,13 @@ class PgStore(Later):
             rows = await self.fetch(q.LIST, limit)
         else:
             rows = await self.fetch(q.LIST_STATE, state, limit)
-        return [enqueue.job_text(r, progress) for r in rows]
+        return [_json(r, progress) for r in rows]
 
     async def states(self, ids: list[str]) -> dict[str, str]:
         return {r[0]: r[1] for r in await self.fetch(q.STATES, ids)} if ids else {}
 
     async def finished_json(self, ids: list[str]) -> list[str]:
-        if not ids:
-            return []
-        return [enqueue.job_text(r) for r in await self.fetch(q.FINISHED, ids, list(FINAL_STATES))]
+        return [_json(r) for r in await self.fetch(q.FINISHED, ids, list(FINAL_STATES))] if ids else []
 
     async def counts(self) -> dict[str, int]:
         return dict.fromkeys(STATES, 0) | {r[0]: int(r[1]) for r in await self.fetch(q.COUNTS)}
@@ -285,12 +312,16 @@ class PgStore(Later):
         return [(int(p), float(c), str(r)) for p, c, r in json.loads(text)] if text else []
 
 
+def _json(row: asyncpg.Record, progress: Any = None) -> str:
+    return job_json(tuple(row), progress(row["id"]) if progress and row["state"] == "running" else None)
+
+
 def _dumps(v: Any) -> str | None:
     return None if v is None else json.dumps(v)
 
 
 def _tally(rows: list[asyncpg.Record]) -> tuple[int, int]:
-    retried = sum(1 for r in rows if r[1] != "failed")
+    retried = sum(1 for r in rows if r[1] == "queued")
     return retried, len(rows) - retried
 
 

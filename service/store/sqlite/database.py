@@ -31,15 +31,15 @@ _MIN_FREE = 64 * 1024  # bytes free below which the store counts as full
 
 
 class Database:
-    def __init__(self, path: str, migrate: Callable[[sqlite3.Connection], None]) -> None:
-        self.path, self._migrate = path, migrate
+    def __init__(self, path: str, schema: str) -> None:
+        self.path, self._schema = path, schema
         self.healthy, self.last_error = True, ""
         self.on_reset: Callable[[], None] = lambda: None  # after a rollback: recount derived state
         self._commit: asyncio.Future[None] | None = None
         self._after: list[Callable[[], None]] = []
         self._before: list[Callable[[], None]] = []
-        self._kept: list[tuple[str, Any]] = []  # keep=True writes in the open transaction
-        self._backlog: list[tuple[str, Any]] = []
+        self._kept: list[tuple[str, tuple[Any, ...]]] = []  # keep=True writes in the open transaction
+        self._backlog: list[tuple[str, tuple[Any, ...]]] = []
         self._backlog_after: list[Callable[[], None]] = []
         self._commits = 0  # commits so far, and at the last checkpoint (see checkpoint)
         self._checkpointed: tuple[int, float] = (0, time.monotonic())
@@ -52,7 +52,7 @@ class Database:
         self.rw.execute("PRAGMA busy_timeout=5000")
         # checkpoints (which fsync the database) run off the event loop: see checkpoint()
         self.rw.execute("PRAGMA wal_autocheckpoint=0")
-        self._migrate(self.rw)
+        self.rw.executescript(self._schema)
         # reads through a second connection see committed data only: nobody is shown a job
         # (or its result) before the commit that holds it
         memory = self.path == ":memory:"
@@ -80,8 +80,7 @@ class Database:
         self._commit = fut = loop.create_future()
         loop.call_soon(self._do_commit, fut)
 
-    def write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (),
-              keep: bool = False) -> sqlite3.Cursor | None:
+    def write(self, sql: str, params: tuple[Any, ...] = (), keep: bool = False) -> sqlite3.Cursor | None:
         """Runs one statement in the open transaction. A `keep` write that fails is kept for later
         (None is returned); any other failure raises StoreError."""
         try:

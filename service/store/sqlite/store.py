@@ -14,47 +14,67 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from service.model import FINAL_STATES, PENDING_STATES, STATES
-from service.store.base import (
-    CLAIMED,
-    Cap,
-    Claimed,
-    JobStore,
-    NewJob,
-    Resolved,
-    StoreError,
-    admit,
-    first_state,
-    new_id,
-)
-from service.store.jobjson import COLUMNS, job_json
-from service.store.sqlite import queries as q
+from service.model import FINAL_STATES, STATES
+from service.store.base import Claimed, JobStore, NewJob, StoreError, new_id
 from service.store.sqlite.database import Database
-from service.store.sqlite.later import Later
-from service.store.sqlite.schema import migrate
+from service.store.sqlite.jobjson import job_json
 
 __all__ = ["FINAL_STATES", "STATES", "Claimed", "NewJob", "Store", "StoreError"]
 
 log = logging.getLogger("poold.store")
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    fn TEXT NOT NULL,
+    args TEXT NOT NULL,
+    kwargs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    timeout REAL NOT NULL,
+    retries INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    key TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    worker TEXT,
+    result TEXT,
+    error TEXT,
+    progress TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE state = 'queued';
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (key) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+CREATE TABLE IF NOT EXISTS processes (
+    pid INTEGER NOT NULL,
+    create_time REAL NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (pid, create_time)
+);
+"""
+
 _RECENT = 20000  # finished jobs whose JSON is kept in memory for fast reads
 
-_COLUMNS = COLUMNS
+_COLUMNS = ("seq, id, fn, args, kwargs, state, priority, timeout, retries, attempts, key, created_at, "
+            "started_at, finished_at, worker, result, error, progress")
 
 
-class Store(Later):
+class Store:
     """Named operations on the job table; see the module docstring for commits."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.start_ledger = None if path == ":memory:" else path
         self.claim_dequeues = False  # a claimed job is queued until its worker starts it
-        self.on_change: Callable[[Resolved], None] = lambda _: None  # after a commit that resolved
-        self._d = Database(path, migrate)
+        self._d = Database(path, _SCHEMA)
         self._d.on_reset = self._recount
         self.queued = 0
         self._recount()
@@ -111,69 +131,42 @@ class Store(Later):
         self._d.close()
 
     # -- enqueue
-    def by_key(self, key: str, active_only: bool = False) -> tuple[Any, ...] | None:
-        """The job holding this key (uncommitted ones included), as a row: the newest kept one,
-        or with `active_only` the one not ended."""
+    def by_key(self, key: str) -> tuple[Any, ...] | None:
+        """The kept job with this idempotency key (uncommitted ones included), as a row."""
         self._flush()
         row: tuple[Any, ...] | None = self._d.rw.execute(
-            q.BY_KEY_ACTIVE if active_only else q.BY_KEY, (key,)).fetchone()
+            f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
         return row
 
     def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[str, str, bool]]:
-        """Inserts jobs (or finds the job holding the same key); (id, Job JSON, created) each."""
+        """Inserts jobs (or finds the kept job with the same key); (id, Job JSON, created) each."""
         out: list[tuple[str, str, bool]] = []
-        rows, deps = [], []
+        rows = []
         by_key: dict[str, int] = {}  # keys seen in this call: the first one wins
-        made: dict[str, str] = {}  # id -> state, of the jobs this call made
         now = time.time()
-        for i, j in enumerate(jobs):
+        for j in jobs:
             if j.key is not None:
                 if j.key in by_key:
                     jid, text, _ = out[by_key[j.key]]
                     out.append((jid, text, False))
                     continue
-                if (existing := self.by_key(j.key, j.unique_while == "active")) is not None:
+                if (existing := self.by_key(j.key)) is not None:
                     out.append((existing[1], job_json(existing), False))
                     continue
                 by_key[j.key] = len(out)
             jid = new_id()
-            after = [out[int(a[1:])][0] if a.startswith("#") else a for a in j.after]
-            states = {d: made[d] for d in after if d in made}
-            if len(states) < len(after):
-                states |= self._states_now([d for d in after if d not in states])
-            state, pending, error = first_state(i, j, after, states, now)
-            made[jid] = state
-            deps += [(jid, d) for d in pending]
-            scheduled = j.run_at if j.run_at is not None and j.run_at > now else None
-            fin = now if error else None
-            after_json = json.dumps(after) if after else None
-            fired = j.schedule or (None, None)
-            shown = (scheduled, after_json, j.after_failure, j.retry_delay, j.unique_while, *fired)
-            rows.append((jid, j.fn, j.args, j.kwargs, state, j.priority, j.timeout, j.retries, j.key, now,
-                         fin, error, *shown, len(pending), 0))
-            out.append((jid, job_json((0, jid, j.fn, j.args, j.kwargs, state, j.priority, j.timeout,
-                                       j.retries, 0, j.key, now, None, fin, None, None, error, None,
-                                       *shown)), True))
+            args, kwargs = j.args, j.kwargs
+            rows.append((jid, j.fn, args, kwargs, j.priority, j.timeout, j.retries, j.key, now))
+            out.append((jid, job_json((0, jid, j.fn, args, kwargs, "queued", j.priority, j.timeout,
+                                       j.retries, 0, j.key, now, None, None, None, None, None, None)), True))
         if rows:
-            self._d.write_many(q.INSERT, rows)
-            self.queued += sum(1 for r in rows if r[4] == "queued")
-        if deps:
-            self._d.write_many(q.INSERT_DEP, deps)
-            self._d.write_many(q.MARK_DEPENDED, [(d,) for d in {d for _, d in deps}])
+            self._d.write_many("INSERT INTO jobs (id, fn, args, kwargs, state, priority, timeout, retries,"
+                               " key, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)", rows)
+            self.queued += len(rows)
         return out
 
-    def _states_now(self, ids: list[str]) -> dict[str, str]:
-        """States as this process last wrote them (uncommitted included)."""
-        self._flush()
-        out: dict[str, str] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            out.update(self._d.rw.execute(
-                f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
-        return out
-
-    async def find_key(self, key: str, progress: Any = None, active_only: bool = False) -> str | None:
-        row = self.by_key(key, active_only)
+    async def find_key(self, key: str, progress: Any = None) -> str | None:
+        row = self.by_key(key)
         if row is None:
             return None
         await self.committed()  # it may be a job enqueued a moment ago, not yet committed
@@ -189,31 +182,26 @@ class Store(Later):
         return out
 
     # -- the queue
-    async def claim(self, limit: int, skip: set[str], caps: Sequence[Cap] = ()) -> list[Claimed]:
-        """The claim is the caller's `skip` set: the jobs stay queued here until they start.
-        Every running job is this host's, so the caps' `held` counts are the whole story."""
-        return self.next_queued(limit, skip, caps)
+    async def claim(self, limit: int, skip: set[str]) -> list[Claimed]:
+        """The claim is the caller's `skip` set: the jobs stay queued here until they start."""
+        return self.next_queued(limit, skip)
 
     def release(self, jobs: list[Claimed]) -> None:
         pass  # still queued in the table
 
-    def next_queued(self, limit: int, skip: set[str], caps: Sequence[Cap] = ()) -> list[Claimed]:
-        """The next `limit` queued jobs by priority then age, leaving out those in `skip`, and
-        those whose function is at its concurrency limit."""
+    def next_queued(self, limit: int, skip: set[str]) -> list[Claimed]:
+        """The next `limit` queued jobs by priority then age, leaving out those in `skip`."""
         self._flush()
-        caps = list(caps)
-        out: list[Claimed] = []
-        for _ in range(4):  # a pass that fills a cap looks again without that cap's functions
-            where, params = _cap_filter([c for c in caps if c.held >= c.limit])
-            rows = self._d.rw.execute(
-                f"SELECT {CLAIMED} FROM jobs INDEXED BY jobs_queue WHERE state = 'queued'" + where +
-                " ORDER BY priority DESC, seq LIMIT ?", (*params, limit - len(out) + len(skip))).fetchall()
-            fresh = [Claimed(*r) for r in rows if r[1] not in skip]
-            taken, caps, refused = admit(fresh, caps, limit - len(out))
-            out += taken
-            skip = skip | {c.id for c in taken}
-            if not refused or len(out) >= limit:
-                break
+        rows = self._d.rw.execute(
+            "SELECT seq, id, fn, args, kwargs, timeout, retries, attempts, priority, key, created_at"
+            " FROM jobs INDEXED BY jobs_queue WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT ?",
+            (limit + len(skip),)).fetchall()
+        out = []
+        for row in rows:
+            if row[1] not in skip:
+                out.append(Claimed(*row))
+                if len(out) == limit:
+                    break
         return out
 
     def start(self, seq: int, started_at: float, worker: str) -> None:
@@ -244,7 +232,7 @@ class Store(Later):
                                            c.attempts))
         text = job_json((c.seq, c.id, c.fn, c.args, c.kwargs, state, c.priority, c.timeout, c.retries,
                          c.attempts + 1, c.key, c.created_at, started_at, now, worker, result_json, err,
-                         prog, *c.shown()))
+                         prog))
         self._fresh.append((c.id, state, now, text))
         if len(self._finished) + len(self._finished_started) == 1:
             self._d.before_commit(self._flush)
@@ -271,8 +259,6 @@ class Store(Later):
             fresh, self._fresh = self._fresh, []
             if changed == asked:
                 self._d.after_commit(lambda: self._remember(fresh))
-        if changed and self._d.rw.execute("SELECT 1 FROM ended LIMIT 1").fetchone() is not None:
-            self._resolve_ended()
 
     def _remember(self, fresh: list[tuple[str, str, float, str]]) -> None:
         recent = self._recent
@@ -281,27 +267,18 @@ class Store(Later):
         while len(recent) > _RECENT:
             del recent[next(iter(recent))]
 
-    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None,
-              due: float | None = None) -> None:
-        """running → queued again (a failed attempt with retries left), or scheduled until `due`;
-        the error is kept.
+    def retry(self, seq: int, error: dict[str, Any], *, attempts: int | None = None) -> None:
+        """running → queued again (a failed attempt with retries left); the error is kept.
 
         `attempts`: the failed attempt's Claimed.attempts, so a retry from an attempt that lost
         the job is discarded (None: whichever attempt holds it).
         """
         self._flush()
-        if due is None:
-            sql = "UPDATE jobs SET state = 'queued', error = ? WHERE seq = ? AND state = 'running'"
-            params: tuple[Any, ...] = (json.dumps(error), seq)
-        else:
-            sql = ("UPDATE jobs SET state = 'scheduled', scheduled_at = ?, error = ?"
-                   " WHERE seq = ? AND state = 'running'")
-            params = (due, json.dumps(error), seq)
+        sql = "UPDATE jobs SET state = 'queued', error = ? WHERE seq = ? AND state = 'running'"
+        params: tuple[Any, ...] = (json.dumps(error), seq)
         if attempts is not None:
             sql, params = sql + " AND attempts = ?", (*params, attempts + 1)
-        changed = self._keep(sql, params)
-        if due is None:
-            self.queued += changed
+        self.queued += self._keep(sql, params)
 
     async def cancel(self, jid: str, progress: dict[str, Any] | None = None, *,
                      queued_only: bool = False) -> str | None:
@@ -309,14 +286,12 @@ class Store(Later):
         `progress`: a running job's last report, which lives in memory until its end."""
         self._flush()
         row = self._d.rw.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
-        if row is None or row[0] in FINAL_STATES or (queued_only and row[0] == "running"):
+        if row is None or row[0] not in ("queued", "running") or (queued_only and row[0] == "running"):
             return None if row is None else str(row[0])
         self._keep("UPDATE jobs SET state = 'cancelled', finished_at = ?, progress = COALESCE(?, progress)"
-                   f" WHERE id = ? AND state IN {(*PENDING_STATES, 'running')!r}",
-                   (time.time(), _dumps(progress), jid))
+                   " WHERE id = ? AND state IN ('queued', 'running')", (time.time(), _dumps(progress), jid))
         if row[0] == "queued":
             self.queued -= 1
-        self._resolve_soon()
         return str(row[0])
 
     async def recover(self, started: dict[int, tuple[int, float]] | None = None) -> tuple[int, int]:
@@ -333,15 +308,12 @@ class Store(Later):
                 [(t, seq, attempts) for seq, (attempts, t) in started.items()])
         err = json.dumps({"type": "interrupted", "message": "the daemon stopped while the job ran",
                           "exception": None, "traceback": None})
-        now = time.time()
-        later = self._write(q.RECOVER_LATER, (err, now)).rowcount
         retried = self._write("UPDATE jobs SET state = 'queued', error = ? WHERE state = 'running'"
                               " AND attempts <= retries", (err,)).rowcount
         failed = self._write("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?"
-                             " WHERE state = 'running'", (err, now)).rowcount
+                             " WHERE state = 'running'", (err, time.time())).rowcount
         self.queued += retried
-        self._resolve_soon()
-        return retried + later, failed
+        return retried, failed
 
     async def expire(self, ttl: float) -> int:
         """Deletes finished jobs older than ttl seconds."""
@@ -421,21 +393,6 @@ class Store(Later):
     async def recorded_processes(self) -> list[tuple[int, float, str]]:
         return [(int(p), float(c), str(r)) for p, c, r in
                 self._d.rw.execute("SELECT pid, create_time, role FROM processes").fetchall()]
-
-
-def _cap_filter(full: list[Cap]) -> tuple[str, tuple[Any, ...]]:
-    """A WHERE part leaving out the functions of caps with no room left."""
-    if not full:
-        return "", ()
-    parts, params = [], []
-    for c in full:
-        if c.pattern.endswith(":*"):
-            parts.append("substr(fn, 1, ?) = ?")
-            params += [len(c.pattern) - 1, c.pattern[:-1]]
-        else:
-            parts.append("fn = ?")
-            params.append(c.pattern)
-    return " AND NOT (" + " OR ".join(parts) + ")", tuple(params)
 
 
 def _dumps(v: Any) -> str | None:
